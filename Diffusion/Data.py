@@ -1,0 +1,114 @@
+"""Training images: CIFAR-10, any torchvision dataset of the same form, or a folder of images.
+
+Every image becomes RGB, is fitted to img_size (resized, centre-cropped), randomly flipped
+left-right, and scaled to [-1, 1]; for CIFAR-10 at 32x32 this is the original's pipeline.
+"""
+import os
+
+import torch
+import torchvision
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2 as transforms
+from torchvision.datasets.folder import IMG_EXTENSIONS, ImageFolder, default_loader
+
+from Diffusion.Config import ConfigError
+
+
+def training_transform(img_size):
+    """PIL image -> [3, img_size, img_size] in [-1, 1], randomly flipped left-right."""
+    return transforms.Compose([
+        transforms.RGB(),
+        transforms.Resize(img_size),
+        transforms.CenterCrop(img_size),
+        transforms.RandomHorizontalFlip(),
+        transforms.ToImage(),
+        transforms.ToDtype(torch.float32, scale=True),
+        transforms.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    ])
+
+
+class ImageFiles(Dataset):
+    """Every image file under `root`, searched recursively, with the label 0."""
+
+    def __init__(self, root, transform):
+        self.paths = sorted(
+            os.path.join(folder, name)
+            for folder, _, names in os.walk(root, followlinks=True)
+            for name in names if name.lower().endswith(IMG_EXTENSIONS))
+        self.transform = transform
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, index):
+        return self.transform(default_loader(self.paths[index])), 0
+
+
+def image_folder(path, transform, labelled):
+    """A folder of images; `labelled`: one subfolder per class, labelled in sorted order."""
+    if not os.path.isdir(path):
+        raise ConfigError(f"dataset folder {path!r} does not exist: give a folder of images, "
+                          f"or a torchvision dataset name such as CIFAR10.")
+    if not labelled:
+        return ImageFiles(path, transform)
+    try:
+        return ImageFolder(path, transform)
+    except FileNotFoundError as error:
+        raise ConfigError(f"the class-conditional model needs one subfolder of images per class "
+                          f"in {path!r}: {error}") from None
+
+
+def torchvision_dataset(name, root, transform):
+    """torchvision.datasets.<name>(root, train=True, transform, download=True)."""
+    dataset_class = getattr(torchvision.datasets, name, None)
+    if not isinstance(dataset_class, type):
+        known = ", ".join(sorted(n for n in torchvision.datasets.__all__ if n[0].isupper())[:12])
+        raise ConfigError(f"dataset {name!r} is neither a folder nor a torchvision dataset "
+                          f"(such as {known}, ...): give a path to a folder of images, or a "
+                          f"torchvision dataset name.")
+    root = os.path.join(root, name)
+    try:
+        return dataset_class(root=root, train=True, transform=transform, download=True)
+    except TypeError as error:
+        raise ConfigError(f"torchvision dataset {name!r} is not of the (root, train, transform, "
+                          f"download) form this repo uses ({error}): use a folder of images "
+                          f"instead.") from None
+    except (OSError, RuntimeError) as error:
+        sources = getattr(dataset_class, "url", None) or getattr(dataset_class, "mirrors", None)
+        files = getattr(dataset_class, "filename", None) or getattr(dataset_class, "resources", None)
+        raise ConfigError(f"could not load or download {name} into {os.path.abspath(root)} "
+                          f"({error}). Download {files} from {sources} on a machine that is "
+                          f"online and put it in that folder, or set dataset to a folder of "
+                          f"images.") from None
+
+
+def training_dataset(config, labelled=False):
+    """The dataset named by config["dataset"]; `labelled`: with class labels."""
+    transform = training_transform(config["img_size"])
+    name = config["dataset"]
+    if os.sep in name or "/" in name or os.path.isdir(name):
+        dataset = image_folder(name, transform, labelled)
+    else:
+        dataset = torchvision_dataset(name, config["data_root"], transform)
+    if labelled and not getattr(dataset, "classes", None):
+        raise ConfigError(f"dataset {name!r} has no class labels (no .classes): the "
+                          f"class-conditional model needs a labelled dataset.")
+    if len(dataset) < config["batch_size"]:
+        raise ConfigError(f"dataset {name!r} has {len(dataset)} images, fewer than batch_size "
+                          f"{config['batch_size']} (the last incomplete batch is dropped): lower "
+                          f"batch_size or add images.")
+    return dataset
+
+
+def training_loader(dataset, config, device):
+    """Shuffled batches of (images [B, 3, img_size, img_size] in [-1, 1], labels [B]);
+    the last incomplete batch is dropped."""
+    workers = config["num_workers"]
+    return DataLoader(dataset, batch_size=config["batch_size"], shuffle=True, drop_last=True,
+                      num_workers=workers, persistent_workers=workers > 0,
+                      pin_memory=torch.device(device).type == "cuda")
+
+
+def default_num_workers():
+    """Up to 4 data-loading workers, no more than the CPUs."""
+    return min(4, os.cpu_count() or 1)

@@ -1,0 +1,58 @@
+"""Unconditional DDPM on CIFAR-10 (Ho et al. 2020).
+
+    python Main.py                        # train
+    python Main.py --state eval           # sample grids from test_load_weight
+    python Main.py --epoch 1 --batch_size 16 --channel_mult 1,2,2   # any key, see --help
+"""
+import torch
+
+from Diffusion.Config import check_config, run_from_command_line
+from Diffusion.Data import default_num_workers
+from Diffusion.Train import eval, train
+
+modelConfig = {
+    "state": "train",  # or "eval"
+    "epoch": 200,
+    "batch_size": 80,
+    "T": 1000,
+    "channel": 128,
+    "channel_mult": [1, 2, 3, 4],
+    "attn": [2],
+    "num_res_blocks": 2,
+    "dropout": 0.15,
+    "lr": 1e-4,
+    "multiplier": 2.,
+    "beta_1": 1e-4,
+    "beta_T": 0.02,
+    "img_size": 32,
+    "grad_clip": 1.,
+    "device": "cuda" if torch.cuda.is_available() else "cpu",
+    "training_load_weight": None,
+    "save_weight_dir": "./CheckPoints/",
+    "test_load_weight": "ckpt_199_.pt",
+    "sampled_dir": "./SampledImgs/",
+    "sampledNoisyImgName": "NoisyNoGuidenceImgs.png",
+    "sampledImgName": "SampledNoGuidenceImgs.png",
+    "nrow": 8,
+    "dataset": "CIFAR10",
+    "data_root": ".",
+    "num_workers": default_num_workers(),
+    "seed": None,
+    "group_norm_eps": 1e-5,
+    "downsample_padding": "symmetric",
+    "clip_denoised": False,
+}
+
+
+def main(model_config=None):
+    """Train or sample with `model_config` (a whole dict like modelConfig; keys it leaves out
+    take modelConfig's values)."""
+    config = check_config(model_config if model_config is not None else modelConfig, modelConfig)
+    if config["state"] == "train":
+        train(config)
+    else:
+        eval(config)
+
+
+if __name__ == "__main__":
+    run_from_command_line(main, modelConfig, description=__doc__)

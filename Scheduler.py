@@ -1,0 +1,32 @@
+"""Learning-rate warm-up, then another schedule (cosine annealing in this repo)."""
+from torch.optim.lr_scheduler import LRScheduler
+
+
+class GradualWarmupScheduler(LRScheduler):
+    """Per epoch: lr grows linearly from lr to lr * multiplier over `warm_epoch` epochs, is held
+    at the peak one epoch more, then follows `after_scheduler`, which starts from the peak.
+
+    With after_scheduler = CosineAnnealingLR(T_max=epoch) this is the original's schedule:
+    lr(e) = lr * (1 + (multiplier - 1) e / warm_epoch) for e <= warm_epoch, then
+    lr * multiplier * (1 + cos(pi (e - warm_epoch - 1) / epoch)) / 2.
+    Step it once per epoch, after the optimizer's steps.
+    """
+
+    def __init__(self, optimizer, multiplier, warm_epoch, after_scheduler):
+        self.multiplier = multiplier
+        self.warm_epoch = warm_epoch
+        self.after_scheduler = after_scheduler
+        super().__init__(optimizer)
+        after_scheduler.base_lrs = [lr * multiplier for lr in self.base_lrs]
+
+    def get_lr(self):
+        progress = min(self.last_epoch / self.warm_epoch, 1.) if self.warm_epoch else 1.
+        return [lr * (1. + (self.multiplier - 1.) * progress) for lr in self.base_lrs]
+
+    def step(self):
+        if self.last_epoch <= self.warm_epoch:
+            super().step()
+        else:
+            self.last_epoch += 1
+            self.after_scheduler.step()
+            self._last_lr = self.after_scheduler.get_last_lr()
