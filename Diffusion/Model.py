@@ -31,21 +31,22 @@ def embedding_projection(emb_dim, out_ch):
     return nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, out_ch))
 
 
+def embedding_mlp(table, d_model, dim):
+    """An embedding table of width d_model, then Linear-Swish-Linear to `dim`."""
+    return nn.Sequential(table, nn.Linear(d_model, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+
 class TimeEmbedding(nn.Module):
     """t [B] (0-based) -> [B, dim]: a table of sinusoids, then Linear-Swish-Linear.
 
-    The table is a frozen `nn.Embedding`, so it is part of the checkpoint: a model trained with
-    another table (e.g. the official DDPM model's) brings its own.
+    The table is an `nn.Embedding`, frozen unless `trainable`, so it is part of the checkpoint:
+    a model trained with another table (e.g. the official DDPM model's) brings its own.
     """
 
     def __init__(self, T, d_model, dim, trainable=False):
         super().__init__()
-        self.timembedding = nn.Sequential(
-            nn.Embedding.from_pretrained(sinusoidal_table(T, d_model), freeze=not trainable),
-            nn.Linear(d_model, dim),
-            nn.SiLU(),
-            nn.Linear(dim, dim),
-        )
+        table = nn.Embedding.from_pretrained(sinusoidal_table(T, d_model), freeze=not trainable)
+        self.timembedding = embedding_mlp(table, d_model, dim)
 
     def forward(self, t):
         return self.timembedding(t)

@@ -1,0 +1,58 @@
+"""Class-conditional DDPM with classifier-free guidance on CIFAR-10 (Ho & Salimans 2022).
+
+    python MainCondition.py                     # train
+    python MainCondition.py --state eval        # one row per class, guided by w
+    python MainCondition.py --state eval --w 0,1.8,4   # a grid per w, side by side
+"""
+import torch
+
+from Diffusion.Config import check_config, run_from_command_line
+from Diffusion.Data import default_num_workers
+from DiffusionFreeGuidence.TrainCondition import eval, train
+
+modelConfig = {
+    "state": "train",  # or "eval"
+    "epoch": 70,
+    "batch_size": 80,
+    "T": 500,
+    "channel": 128,
+    "channel_mult": [1, 2, 2, 2],
+    "num_res_blocks": 2,
+    "dropout": 0.15,
+    "lr": 1e-4,
+    "multiplier": 2.5,
+    "beta_1": 1e-4,
+    "beta_T": 0.028,
+    "img_size": 32,
+    "grad_clip": 1.,
+    "device": "cuda" if torch.cuda.is_available() else "cpu",
+    "w": 1.8,
+    "p_uncond": 0.1,
+    "save_dir": "./CheckPoints/Condition/",
+    "training_load_weight": None,
+    "test_load_weight": "ckpt_63_.pt",
+    "sampled_dir": "./SampledImgs/",
+    "sampledNoisyImgName": "NoisyGuidenceImgs.png",
+    "sampledImgName": "SampledGuidenceImgs.png",
+    "nrow": 8,
+    "labels": None,
+    "dataset": "CIFAR10",
+    "data_root": ".",
+    "num_workers": default_num_workers(),
+    "seed": None,
+    "clip_denoised": False,
+}
+
+
+def main(model_config=None):
+    """Train or sample with `model_config` (a whole dict like modelConfig; keys it leaves out
+    take modelConfig's values)."""
+    config = check_config(model_config if model_config is not None else modelConfig, modelConfig)
+    if config["state"] == "train":
+        train(config)
+    else:
+        eval(config)
+
+
+if __name__ == "__main__":
+    run_from_command_line(main, modelConfig, description=__doc__)
