@@ -6,7 +6,7 @@
 """
 import torch
 
-from Diffusion.Config import check_config, run_from_command_line
+from Diffusion.Config import run_from_command_line, run_state
 from Diffusion.Data import default_num_workers
 from DiffusionFreeGuidence.TrainCondition import eval, train
 
@@ -39,6 +39,7 @@ modelConfig = {
     "dataset": "CIFAR10",
     "data_root": ".",
     "num_workers": default_num_workers(),
+    "max_images": None,
     "seed": None,
     "clip_denoised": False,
 }
@@ -47,11 +48,7 @@ modelConfig = {
 def main(model_config=None):
     """Train or sample with `model_config` (a whole dict like modelConfig; keys it leaves out
     take modelConfig's values)."""
-    config = check_config(model_config if model_config is not None else modelConfig, modelConfig)
-    if config["state"] == "train":
-        train(config)
-    else:
-        eval(config)
+    run_state(model_config, modelConfig, train, eval)
 
 
 if __name__ == "__main__":

@@ -106,6 +106,7 @@ KINDS = {
     "dataset": STR,
     "data_root": STR,
     "num_workers": INT,
+    "max_images": _optional(INT),
     "seed": _optional(INT),
     "group_norm_eps": FLOAT,
     "downsample_padding": _choice(*DOWNSAMPLE_PADDINGS),
@@ -140,10 +141,11 @@ MEANINGS = {
     "sampled_dir": "folder eval writes its image grids to",
     "sampledNoisyImgName": "file name of the grid of starting noise x_T",
     "sampledImgName": "file name of the grid of samples x_0",
-    "nrow": "images per row of the grids",
+    "nrow": "images per row of the grids (MainCondition.py puts one class per row instead)",
     "dataset": "CIFAR10, another torchvision dataset (MNIST, CIFAR100, ...), or a folder of images",
     "data_root": "where torchvision datasets are downloaded to (a folder per dataset)",
     "num_workers": "data-loading worker processes",
+    "max_images": "train on a fixed random subset of this many images (None: all of them)",
     "seed": "random seed (None: a different run each time)",
     "group_norm_eps": "epsilon of every GroupNorm (1e-6 for the official DDPM model)",
     "downsample_padding": "symmetric (the original) or same (TensorFlow's, the official DDPM model)",
@@ -181,6 +183,8 @@ def _positive_ints(config):
     for key in ("epoch", "batch_size", "T", "channel", "num_res_blocks", "img_size", "nrow"):
         if key in config and config[key] < 1:
             return f"config key '{key}' must be at least 1, not {config[key]}."
+    if config.get("max_images") is not None and config["max_images"] < 1:
+        return f"max_images must be at least 1 (or None for all images), not {config['max_images']}."
     if config.get("num_workers", 0) < 0:
         return f"num_workers must be 0 or more, not {config['num_workers']}."
 
@@ -286,6 +290,12 @@ def parse_command_line(defaults, argv=None, description=None):
         return check_config({**from_file, **overrides}, defaults)
     except ConfigError as error:
         parser.error(str(error))
+
+
+def run_state(model_config, defaults, train, eval):
+    """Check `model_config` (None: `defaults`) and run train or eval as its "state" says."""
+    config = check_config(model_config if model_config is not None else defaults, defaults)
+    (train if config["state"] == "train" else eval)(config)
 
 
 def run_from_command_line(main, defaults, description):

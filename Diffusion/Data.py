@@ -7,7 +7,7 @@ import os
 
 import torch
 import torchvision
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.transforms import v2 as transforms
 from torchvision.datasets.folder import IMG_EXTENSIONS, ImageFolder, default_loader
 
@@ -83,7 +83,8 @@ def torchvision_dataset(name, root, transform):
 
 
 def training_dataset(config, labelled=False):
-    """The dataset named by config["dataset"]; `labelled`: with class labels."""
+    """The dataset named by config["dataset"], cut to a fixed random max_images of its images;
+    `labelled`: with class labels (its `.classes` names them)."""
     transform = training_transform(config["img_size"])
     name = config["dataset"]
     if os.sep in name or "/" in name or os.path.isdir(name):
@@ -93,10 +94,15 @@ def training_dataset(config, labelled=False):
     if labelled and not getattr(dataset, "classes", None):
         raise ConfigError(f"dataset {name!r} has no class labels (no .classes): the "
                           f"class-conditional model needs a labelled dataset.")
+    if config["max_images"] is not None and config["max_images"] < len(dataset):
+        classes = getattr(dataset, "classes", None)
+        chosen = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))
+        dataset = Subset(dataset, chosen[:config["max_images"]].tolist())
+        dataset.classes = classes
     if len(dataset) < config["batch_size"]:
         raise ConfigError(f"dataset {name!r} has {len(dataset)} images, fewer than batch_size "
                           f"{config['batch_size']} (the last incomplete batch is dropped): lower "
-                          f"batch_size or add images.")
+                          f"batch_size, add images, or raise max_images.")
     return dataset
 
 
