@@ -30,8 +30,12 @@ def save_atomically(obj, path):
     """torch.save to `path` through a temporary file, so `path` is never half written."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     temporary = f"{path}.tmp"
-    torch.save(obj, temporary)
-    os.replace(temporary, path)
+    try:
+        torch.save(obj, temporary)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
 
 
 def list_checkpoints(folder):

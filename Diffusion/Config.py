@@ -74,7 +74,7 @@ INT_LIST = Kind("a list of integers (1,2,2 on the command line)", "N,N,...", _pa
                 lambda value: isinstance(value, (list, tuple)) and all(_is_int(v) for v in value))
 FLOAT_OR_FLOAT_LIST = Kind(
     "a number or a list of numbers (0,1,3 on the command line)", "X[,X,...]",
-    lambda text: _parse_list(float)(text) if "," in text else float(text),
+    lambda text: _parse_list(float)(text) if "," in text or "[" in text else float(text),
     lambda value: _is_number(value) or (isinstance(value, (list, tuple)) and len(value) > 0
                                         and all(_is_number(v) for v in value)))
 
@@ -180,9 +180,11 @@ def check_config(config, defaults):
 
 
 def _positive_ints(config):
-    for key in ("epoch", "batch_size", "T", "channel", "num_res_blocks", "img_size", "nrow"):
+    for key in ("epoch", "batch_size", "channel", "num_res_blocks", "img_size", "nrow"):
         if key in config and config[key] < 1:
             return f"config key '{key}' must be at least 1, not {config[key]}."
+    if config["T"] < 2:
+        return f"T, the number of diffusion steps, must be at least 2, not {config['T']}."
     if config.get("max_images") is not None and config["max_images"] < 1:
         return f"max_images must be at least 1 (or None for all images), not {config['max_images']}."
     if config.get("num_workers", 0) < 0:

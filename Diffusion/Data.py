@@ -3,6 +3,7 @@
 Every image becomes RGB, is fitted to img_size (resized, centre-cropped), randomly flipped
 left-right, and scaled to [-1, 1]; for CIFAR-10 at 32x32 this is the original's pipeline.
 """
+import difflib
 import os
 
 import torch
@@ -44,11 +45,24 @@ class ImageFiles(Dataset):
         return self.transform(default_loader(self.paths[index])), 0
 
 
+def is_torchvision_dataset(name):
+    """A plain name (no path) of a dataset class in torchvision.datasets."""
+    is_path = "/" in name or os.sep in name
+    return not is_path and isinstance(getattr(torchvision.datasets, name, None), type)
+
+
+def _closest_dataset(name):
+    names = [n for n in torchvision.datasets.__all__ if is_torchvision_dataset(n)]
+    close = difflib.get_close_matches(name, names, n=1)
+    return f" Did you mean {close[0]}?" if close else ""
+
+
 def image_folder(path, transform, labelled):
     """A folder of images; `labelled`: one subfolder per class, labelled in sorted order."""
     if not os.path.isdir(path):
-        raise ConfigError(f"dataset folder {path!r} does not exist: give a folder of images, "
-                          f"or a torchvision dataset name such as CIFAR10.")
+        raise ConfigError(f"dataset folder {path!r} does not exist: give a folder of images, or "
+                          f"a torchvision dataset name such as CIFAR10, CIFAR100 or MNIST."
+                          f"{_closest_dataset(path)}")
     if not labelled:
         return ImageFiles(path, transform)
     try:
@@ -58,14 +72,19 @@ def image_folder(path, transform, labelled):
                           f"in {path!r}: {error}") from None
 
 
+def download_hint(dataset_class, root):
+    """Which files torchvision's `dataset_class` downloads, from where, and the folder it reads."""
+    if hasattr(dataset_class, "url"):  # CIFAR10, CIFAR100, ...
+        return f"{dataset_class.filename} from {dataset_class.url}", root
+    files = ", ".join(name for name, _ in getattr(dataset_class, "resources", []))
+    mirror = getattr(dataset_class, "mirrors", ["its download page"])[0]
+    # MNIST and its relatives read root/<class name>/raw
+    return f"{files} from {mirror}", os.path.join(root, dataset_class.__name__, "raw")
+
+
 def torchvision_dataset(name, root, transform):
-    """torchvision.datasets.<name>(root, train=True, transform, download=True)."""
-    dataset_class = getattr(torchvision.datasets, name, None)
-    if not isinstance(dataset_class, type):
-        known = ", ".join(sorted(n for n in torchvision.datasets.__all__ if n[0].isupper())[:12])
-        raise ConfigError(f"dataset {name!r} is neither a folder nor a torchvision dataset "
-                          f"(such as {known}, ...): give a path to a folder of images, or a "
-                          f"torchvision dataset name.")
+    """torchvision.datasets.<name>(root=data_root/name, train=True, transform, download=True)."""
+    dataset_class = getattr(torchvision.datasets, name)
     root = os.path.join(root, name)
     try:
         return dataset_class(root=root, train=True, transform=transform, download=True)
@@ -74,12 +93,10 @@ def torchvision_dataset(name, root, transform):
                           f"download) form this repo uses ({error}): use a folder of images "
                           f"instead.") from None
     except (OSError, RuntimeError) as error:
-        sources = getattr(dataset_class, "url", None) or getattr(dataset_class, "mirrors", None)
-        files = getattr(dataset_class, "filename", None) or getattr(dataset_class, "resources", None)
-        raise ConfigError(f"could not load or download {name} into {os.path.abspath(root)} "
-                          f"({error}). Download {files} from {sources} on a machine that is "
-                          f"online and put it in that folder, or set dataset to a folder of "
-                          f"images.") from None
+        files, folder = download_hint(dataset_class, root)
+        raise ConfigError(f"could not load or download {name} ({error}). On a machine that is "
+                          f"online, download {files}, and put it in {os.path.abspath(folder)}; "
+                          f"or set dataset to a folder of images.") from None
 
 
 def training_dataset(config, labelled=False):
@@ -87,10 +104,10 @@ def training_dataset(config, labelled=False):
     `labelled`: with class labels (its `.classes` names them)."""
     transform = training_transform(config["img_size"])
     name = config["dataset"]
-    if os.sep in name or "/" in name or os.path.isdir(name):
-        dataset = image_folder(name, transform, labelled)
-    else:
+    if is_torchvision_dataset(name):
         dataset = torchvision_dataset(name, config["data_root"], transform)
+    else:
+        dataset = image_folder(name, transform, labelled)
     if labelled and not getattr(dataset, "classes", None):
         raise ConfigError(f"dataset {name!r} has no class labels (no .classes): the "
                           f"class-conditional model needs a labelled dataset.")

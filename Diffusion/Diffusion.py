@@ -12,8 +12,9 @@ from tqdm import tqdm
 
 
 def linear_betas(beta_1, beta_T, T):
-    """The paper's linear schedule beta_1 .. beta_T as float64 [T]."""
-    return torch.linspace(beta_1, beta_T, T, dtype=torch.float64)
+    """The paper's linear schedule beta_1 .. beta_T, float64 [T]. Spaced in float32 first, as the
+    original, so that every coefficient is the original's to the last bit."""
+    return torch.linspace(beta_1, beta_T, T).double()
 
 
 def extract(coefficients, t, x_shape):

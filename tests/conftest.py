@@ -1,5 +1,8 @@
 """Shared fixtures: the reference facts, tiny configs, folders of generated images."""
+import importlib
+import json
 import os
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -84,3 +87,128 @@ def run_script(script, *arguments, cwd=None):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     return subprocess.run([sys.executable, str(REPO / script), *arguments], cwd=cwd or REPO,
                           env=env, capture_output=True, text=True, timeout=600)
+
+
+# One CPU thread, here and in the scripts run: the tiny models gain nothing from more, and on a
+# loaded machine OpenMP threads that wait for each other make every step seconds long.
+torch.set_num_threads(1)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+# Tiny runs of the two scripts, shared by the tests of training, eval, config and guidance.
+# Each script run costs seconds of imports, so each is run once per session.
+
+TINY_CONDITIONAL = {
+    "T": 10, "channel": 32, "channel_mult": [1, 2], "num_res_blocks": 1, "img_size": 8,
+    "batch_size": 6, "epoch": 1, "num_workers": 0, "device": "cpu", "seed": 0,
+}
+
+
+def grid_size(images, nrow, size):
+    """(width, height) in pixels of torchvision's save_image / make_grid grid of `images`
+    square images of `size`, `nrow` per row: padding 2 around and between them."""
+    columns, rows = min(nrow, images), -(-images // nrow)
+    return columns * (size + 2) + 2, rows * (size + 2) + 2
+
+
+def script_config(script_name, tiny, **paths):
+    """A script's modelConfig (Main or MainCondition), shrunk by `tiny`, with `paths`."""
+    defaults = importlib.import_module(script_name).modelConfig
+    return {**defaults, **tiny, **{key: str(value) for key, value in paths.items()}}
+
+
+def run_or_fail(script, *arguments, cwd=None):
+    """run_script, failing the test with the script's output if it exits with an error."""
+    process = run_script(script, *arguments, cwd=cwd)
+    if process.returncode != 0:
+        pytest.fail(f"{script} {' '.join(arguments)} exited with {process.returncode}:\n"
+                    f"{process.stdout[-3000:]}\n{process.stderr[-3000:]}")
+    return process
+
+
+@pytest.fixture(scope="session")
+def trained_unconditional(tmp_path_factory):
+    """`python Main.py` trained for one tiny epoch on 16 generated PNGs (8 of them in a
+    subfolder), the keys given in every command-line form: --key value, --key=value, lists as
+    1,2, None, booleans. Returns the config it ran with; its checkpoints are in
+    config["save_weight_dir"]."""
+    root = tmp_path_factory.mktemp("unconditional")
+    write_images(root / "images", 8, seed=1)
+    write_images(root / "images" / "more", 8, seed=2)
+    config = script_config("Main", {**TINY_UNCONDITIONAL, "T": 10, "img_size": 8},
+                           dataset=root / "images", save_weight_dir=root / "ckpt",
+                           sampled_dir=root / "samples")
+    spelled_out = ("epoch", "seed", "clip_denoised")
+    arguments = as_arguments({key: value for key, value in config.items() if key not in spelled_out})
+    arguments += ["--epoch=1", "--seed=0", "--clip_denoised", "false"]
+    run_or_fail("Main.py", *arguments, cwd=root)
+    return config
+
+
+@pytest.fixture(scope="session")
+def trained_conditional(tmp_path_factory):
+    """`python MainCondition.py` trained for one tiny epoch on three classes (airplane, bird,
+    cat) of 8 generated PNGs each. Returns the config it ran with; its checkpoints are in
+    config["save_dir"]."""
+    root = tmp_path_factory.mktemp("conditional")
+    for seed, name in enumerate(["cat", "airplane", "bird"]):
+        write_images(root / "classes" / name, 8, seed=seed)
+    config = script_config("MainCondition", TINY_CONDITIONAL, dataset=root / "classes",
+                           save_dir=root / "ckpt", sampled_dir=root / "samples")
+    run_or_fail("MainCondition.py", *as_arguments(config), cwd=root)
+    return config
+
+
+@pytest.fixture
+def odd_images(tmp_path):
+    """Images that need fitting, nested two folders deep: grayscale 30x30, black 5x7 (smaller
+    than img_size), white 40x20 (not square), RGBA 16x16 and a text file to skip."""
+    root = tmp_path / "odd"
+    (root / "a" / "b").mkdir(parents=True)
+    rng = np.random.default_rng(3)
+    Image.fromarray(rng.integers(0, 256, (30, 30), dtype=np.uint8), "L").save(root / "gray.png")
+    Image.new("RGB", (7, 5), (0, 0, 0)).save(root / "a" / "black.png")
+    Image.new("RGB", (20, 40), (255, 255, 255)).save(root / "a" / "b" / "white.jpg", quality=100)
+    Image.fromarray(rng.integers(0, 256, (16, 16, 4), dtype=np.uint8), "RGBA").save(root / "a" / "rgba.png")
+    (root / "a" / "notes.txt").write_text("not an image")
+    return root
+
+
+@pytest.fixture
+def mnist_root(tmp_path):
+    """A data_root holding a 10-image MNIST in torchvision's layout (MNIST/MNIST/raw/*-ubyte,
+    as torchvision.datasets.MNIST(root=data_root/"MNIST") reads it), so it loads offline."""
+    raw = tmp_path / "data" / "MNIST" / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(4)
+    for split, count in (("train", 10), ("t10k", 2)):
+        images = rng.integers(0, 256, (count, 28, 28), dtype=np.uint8)
+        (raw / f"{split}-images-idx3-ubyte").write_bytes(struct.pack(">IIII", 2051, count, 28, 28) + images.tobytes())
+        labels = np.arange(count, dtype=np.uint8) % 10
+        (raw / f"{split}-labels-idx1-ubyte").write_bytes(struct.pack(">II", 2049, count) + labels.tobytes())
+    return tmp_path / "data"
+
+
+@pytest.fixture(scope="module")
+def layouts(reference):
+    return json.loads((reference / "layouts.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def lr_schedules(reference):
+    return json.loads((reference / "lr_schedules.json").read_text())
+
+
+@pytest.fixture
+def sampled_labels(monkeypatch):
+    """The labels eval passes to the (real) guided sampler, one list per grid."""
+    from DiffusionFreeGuidence import DiffusionCondition, TrainCondition
+    seen = []
+
+    class Recording(DiffusionCondition.GaussianDiffusionSampler):
+        def forward(self, x_T, labels, **options):
+            seen.append(labels.tolist())
+            return super().forward(x_T, labels, **options)
+
+    monkeypatch.setattr(TrainCondition, "GaussianDiffusionSampler", Recording)
+    return seen
