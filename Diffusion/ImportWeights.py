@@ -81,7 +81,15 @@ def official_time_table(T, dim, flip_sin_to_cos=False, freq_shift=1):
     return torch.cat([table[:, half:], table[:, :half]], dim=1) if flip_sin_to_cos else table
 
 
-class DiffusersNames:
+class SourceNames:
+    """A naming scheme of the official model's modules, for a UNet of `levels` resolution levels:
+    `block(path, level, j)` and `resample(path, level)` give the source's module names."""
+
+    def __init__(self, levels):
+        self.levels = levels
+
+
+class DiffusersNames(SourceNames):
     """Module names of diffusers' UNet2DModel (models/unets/unet_2d.py): down_blocks[level],
     mid_block, up_blocks[levels - 1 - level]; attention projections are Linear [C, C]."""
     label = "diffusers' UNet2DModel"
@@ -92,9 +100,6 @@ class DiffusersNames:
                       "block2.0": "norm2", "block2.3": "conv2", "shortcut": "conv_shortcut"}
     attn_parts = {"group_norm": "group_norm", "proj_q": "to_q", "proj_k": "to_k",
                   "proj_v": "to_v", "proj": "to_out.0"}
-
-    def __init__(self, levels):
-        self.levels = levels
 
     def _level(self, path, level):
         return f"down_blocks.{level}" if path == "down" else f"up_blocks.{self.levels - 1 - level}"
@@ -110,7 +115,7 @@ class DiffusersNames:
         return f"{self._level(path, level)}.{path}samplers.0.conv"
 
 
-class PesserNames:
+class PesserNames(SourceNames):
     """Module names of pesser/pytorch_diffusion's Model (the TensorFlow code's): down[level],
     mid, up[level], all 1x1 layers Conv2d."""
     label = "pesser/pytorch_diffusion's Model"
@@ -121,9 +126,6 @@ class PesserNames:
                       "block2.0": "norm2", "block2.3": "conv2", "shortcut": "nin_shortcut"}
     attn_parts = {"group_norm": "norm", "proj_q": "q", "proj_k": "k", "proj_v": "v",
                   "proj": "proj_out"}
-
-    def __init__(self, levels):
-        self.levels = levels
 
     def block(self, path, level, j):
         """(ResBlock, attention) names of the j-th ResBlock of `level` on path down, mid or up."""

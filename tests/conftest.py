@@ -13,13 +13,16 @@ import torch
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
-REFERENCE = REPO.parent / "shared" / "reference"
+# The facts recorded from the original code: ../shared/reference beside the checkout, or the
+# copy of it in tests/reference where the checkout stands alone (a CI clone).
+SHARED_REFERENCE = REPO.parent / "shared" / "reference"
+REFERENCE = SHARED_REFERENCE if SHARED_REFERENCE.is_dir() else REPO / "tests" / "reference"
 sys.path.insert(0, str(REPO))
 
 
 @pytest.fixture(scope="session")
 def reference():
-    """../shared/reference: layouts.json, golden_small.pt, lr_schedules.json."""
+    """The reference facts: layouts.json, golden_small.pt, lr_schedules.json."""
     if not REFERENCE.is_dir():
         pytest.fail(f"reference fixtures not found at {REFERENCE}")
     return REFERENCE
