@@ -28,6 +28,15 @@ from DiffusionFreeGuidence.DiffusionCondition import GaussianDiffusionSampler  #
 from DiffusionFreeGuidence.TrainCondition import unet_of as conditional_unet_of  # noqa: E402
 
 
+def cpu_name():
+    """The CPU's model name (Linux), else its architecture."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            return next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.machine()
+
+
 def seconds(function, min_run_time):
     """Median seconds per call of function(), synchronising CUDA around each measurement."""
     return Timer(stmt="function()", globals={"function": function}).blocked_autorange(
@@ -95,7 +104,7 @@ def main():
         explicit = seconds(lambda: explicit_attention(block, h), args.min_run_time)
     rows.append(("attention 384ch 8x8: explicit / scaled_dot_product_attention", f"{explicit / sdpa:.2f}x"))
 
-    machine = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    machine = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     print(f"torch {torch.__version__}, {device.type}: {machine}, {torch.get_num_threads()} CPU threads\n")
     print("| measurement | result |\n| --- | --- |")
     for measurement, result in rows:
