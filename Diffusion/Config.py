@@ -63,7 +63,8 @@ def _choice(*choices):
         if text not in choices:
             raise ValueError(text)
         return text
-    return Kind(" or ".join(repr(c) for c in choices), "{" + ",".join(choices) + "}", parse, lambda value: value in choices)
+    return Kind(" or ".join(repr(c) for c in choices), "{" + ",".join(choices) + "}", parse,
+                lambda value: value in choices)
 
 
 INT = Kind("an integer", "N", int, _is_int)

@@ -372,8 +372,9 @@ def options_of_diffusers_config(config, source):
     """This UNet's options (and the time table's) from a UNet2DModel config.json, after checking
     it describes a model this UNet reproduces."""
     if config.get("_class_name") != "UNet2DModel":
-        raise ConfigError(f"{source!r} holds a {config.get('_class_name', 'model of no known class')}, not a UNet2DModel: "
-                          f"only the DDPM UNet converts.")
+        held = config.get("_class_name", "model of no known class")
+        raise ConfigError(f"{source!r} holds a {held}, not a UNet2DModel: only the DDPM UNet "
+                          f"converts.")
     for key, accepted in DIFFUSERS_REQUIRED.items():
         value = config.get(key, accepted[0])
         if value not in accepted:

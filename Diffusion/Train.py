@@ -59,6 +59,9 @@ def fit(config, model, dataset, checkpoint_dir, loss_of_batch):
         optimizer, multiplier=config["multiplier"], warm_epoch=config["epoch"] // 10,
         after_scheduler=CosineAnnealingLR(optimizer, T_max=config["epoch"], eta_min=0))
     first_epoch = resume(config, model, optimizer, scheduler, checkpoint_dir, device)
+    if first_epoch >= config["epoch"]:
+        tqdm.write(f"nothing to train: the run already has all {config['epoch']} epochs; raise "
+                   f"epoch to train longer (the cosine schedule then stretches to the new length)")
     loader = training_loader(dataset, config, device)
     for epoch in range(first_epoch, config["epoch"]):
         model.train()

@@ -4,6 +4,7 @@ The recipe (optimizer, schedule, checkpoints, data) is Diffusion/Train.py's; wha
 the labels: shifted by one so that 0 is the null label, dropped at random while training, and
 the guided sampling of one class per grid row.
 """
+import os
 from functools import partial
 
 import torch
@@ -73,7 +74,7 @@ def eval(modelConfig):
     # An unconditional checkpoint has no class table; it fails to load below, saying so.
     num_labels = state_dict[CLASS_TABLE].shape[0] - 1 if CLASS_TABLE in state_dict else 1
     model = unet_of(config, num_labels)
-    load_into(model, state_dict, f"{config['save_dir']}/{config['test_load_weight']}", config)
+    load_into(model, state_dict, os.path.join(config["save_dir"], config["test_load_weight"]), config)
     model.to(device).eval()
 
     classes = classes_to_sample(config, num_labels)
