@@ -8,7 +8,7 @@ import torch
 
 import Main
 import MainCondition
-from conftest import as_arguments, run_script
+from conftest import REPO, as_arguments, run_script
 from Diffusion.Checkpoint import unet_config_of
 from Diffusion.Config import ConfigError, parse_command_line
 
@@ -185,3 +185,10 @@ def test_command_line_error_stops_the_script_before_any_work(tmp_path):
     assert "'--epochs'" in process.stderr and "'epoch'" in process.stderr
     assert "Traceback" not in process.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_readme_table_documents_every_config_key():
+    readme = (REPO / "README.md").read_text()
+    undocumented = [key for key in {**Main.modelConfig, **MainCondition.modelConfig}
+                    if f"| `{key}` |" not in readme]
+    assert undocumented == []
