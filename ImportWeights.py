@@ -13,8 +13,8 @@ import argparse
 import os
 import sys
 
-from Diffusion.ImportWeights import (OFFICIAL_SCHEDULE, TABLE_KEY, describe, import_weights,
-                                     write_imported)
+from Diffusion.Checkpoint import TIME_TABLE
+from Diffusion.ImportWeights import OFFICIAL_SCHEDULE, describe, import_weights, write_imported
 
 DEFAULT_OUT = os.path.join("CheckPoints", "official_ddpm_cifar10")
 
@@ -40,7 +40,7 @@ def main(argv=None):
         checkpoint, config_path = write_imported(state_dict, config, args.out)
     except ValueError as error:  # ConfigError included
         sys.exit(f"error: {error}")
-    parameters = sum(tensor.numel() for key, tensor in state_dict.items() if key != TABLE_KEY)
+    parameters = sum(tensor.numel() for key, tensor in state_dict.items() if key != TIME_TABLE)
     architecture = {key: config[key] for key in ("channel", "channel_mult", "attn", "num_res_blocks")}
     print(f"wrote {checkpoint}: {describe(architecture)} ({parameters / 1e6:.1f}M parameters "
           f"besides the time-embedding table)")

@@ -1,6 +1,6 @@
 """Checkpoints: `ckpt_{epoch}_.pt` holds a plain state_dict, the original's format, so that its
 published checkpoints and ours are interchangeable. `training_state.pt` beside them holds what
-continuing a run needs besides the weights (the optimizer's moments, the epoch).
+continuing a run needs besides the weights: the optimizer's state, and which checkpoint it goes with.
 
 Files are written to a temporary name and renamed, so an interrupted save never leaves a
 truncated checkpoint; everything is read with `weights_only=True`, which runs no code.
@@ -13,6 +13,8 @@ import torch
 from Diffusion.Config import ConfigError
 
 TRAINING_STATE = "training_state.pt"
+TIME_TABLE = "time_embedding.timembedding.0.weight"  # [T, channel]
+CLASS_TABLE = "cond_embedding.condEmbedding.0.weight"  # [num_labels + 1, channel], conditional only
 _CHECKPOINT_NAME = re.compile(r"ckpt_(\d+)_\.pt$")
 
 
@@ -45,6 +47,28 @@ def list_checkpoints(folder):
     return sorted((name for name in os.listdir(folder) if epoch_of(name) is not None), key=epoch_of)
 
 
+def _load_failure(error):
+    """Why torch.load(weights_only=True) failed, in one line."""
+    if "Unsupported global" in str(error):  # the file pickles objects, not only tensors
+        return ("it holds pickled Python objects besides tensors (a whole saved model?), which "
+                "cannot be loaded without running code from it; save its state_dict() instead")
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return f"it is not a torch weights file, or it is truncated ({type(error).__name__}: {first_line})"
+
+
+def load_tensors(path, device):
+    """The name -> tensor dict that torch.save wrote to `path`, read with weights_only=True;
+    anything else raises a ConfigError saying why."""
+    try:
+        tensors = torch.load(path, map_location=device, weights_only=True)
+    except Exception as error:
+        raise ConfigError(f"{path!r} cannot be read: {_load_failure(error)}.") from None
+    if not isinstance(tensors, dict) or not all(torch.is_tensor(value) for value in tensors.values()):
+        raise ConfigError(f"{path!r} does not hold a plain state_dict (name -> tensor), as "
+                          f"ckpt_*_.pt files do.")
+    return tensors
+
+
 def read_state_dict(folder, name, device):
     """The state_dict in folder/name. A missing file raises a ConfigError listing those there."""
     path = os.path.join(folder, name)
@@ -53,21 +77,19 @@ def read_state_dict(folder, name, device):
         there = f"the checkpoints there are: {', '.join(present)}" if present else \
             f"there are no checkpoints in {folder!r}: train first, or point to another folder"
         raise ConfigError(f"checkpoint {path!r} does not exist; {there}.")
-    try:
-        state_dict = torch.load(path, map_location=device, weights_only=True)
-    except Exception as error:  # a truncated file, or one holding pickled code
-        raise ConfigError(f"{path!r} is not a checkpoint this repo can read safely ({error}).") from None
-    if not isinstance(state_dict, dict) or not all(torch.is_tensor(v) for v in state_dict.values()):
-        raise ConfigError(f"{path!r} does not hold a plain state_dict (name -> tensor), as "
-                          f"ckpt_*_.pt files do.")
-    return state_dict
+    return load_tensors(path, device)
+
+
+def num_labels_of(state_dict):
+    """The classes of a conditional model's state_dict; None for the unconditional model's."""
+    return state_dict[CLASS_TABLE].shape[0] - 1 if CLASS_TABLE in state_dict else None
 
 
 def unet_config_of(state_dict):
     """The UNet config a state_dict was saved from (T, channel, channel_mult, num_res_blocks;
     attn, or num_labels for the conditional model), for messages about a checkpoint that does
     not fit. Reads the down path: ResBlocks, with a downsampler closing each level but the last."""
-    found = {"T": state_dict["time_embedding.timembedding.0.weight"].shape[0],
+    found = {"T": state_dict[TIME_TABLE].shape[0],
              "channel": state_dict["head.weight"].shape[0]}
     channel_mult, attn, blocks_in_level, index = [], [], 0, 0
     while any(key.startswith(f"downblocks.{index}.") for key in state_dict):
@@ -83,10 +105,10 @@ def unet_config_of(state_dict):
         index += 1
     found["channel_mult"] = channel_mult
     found["num_res_blocks"] = blocks_in_level
-    if "cond_embedding.condEmbedding.0.weight" in state_dict:
-        found["num_labels"] = state_dict["cond_embedding.condEmbedding.0.weight"].shape[0] - 1
-    else:
+    if num_labels_of(state_dict) is None:
         found["attn"] = attn
+    else:
+        found["num_labels"] = num_labels_of(state_dict)
     return found
 
 
@@ -96,7 +118,7 @@ def _as_list(value):
 
 def describe_mismatch(state_dict, model, config):
     """Why a state_dict does not load into `model` built from `config`, and what to change."""
-    has_class_embedding = any(key.startswith("cond_embedding.") for key in state_dict)
+    has_class_embedding = num_labels_of(state_dict) is not None
     wants_class_embedding = hasattr(model, "cond_embedding")
     if has_class_embedding and not wants_class_embedding:
         return ("it is a checkpoint of the class-conditional model (it has a class embedding): "

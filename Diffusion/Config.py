@@ -180,7 +180,7 @@ def check_config(config, defaults):
     return config
 
 
-def _positive_ints(config):
+def _counts(config):
     for key in ("epoch", "batch_size", "channel", "num_res_blocks", "img_size", "nrow"):
         if key in config and config[key] < 1:
             return f"config key '{key}' must be at least 1, not {config[key]}."
@@ -243,7 +243,7 @@ def _labels(config):
         return f"labels must list class indices (0, 1, ...), not {config['labels']}."
 
 
-CHECKS = [_positive_ints, _channels, _attn_levels, _image_size, _schedule, _device, _labels]
+CHECKS = [_counts, _channels, _attn_levels, _image_size, _schedule, _device, _labels]
 
 
 def _argument_type(key):

@@ -9,8 +9,8 @@ import os
 import torch
 import torchvision
 from torch.utils.data import DataLoader, Dataset, Subset
-from torchvision.transforms import v2 as transforms
 from torchvision.datasets.folder import IMG_EXTENSIONS, ImageFolder, default_loader
+from torchvision.transforms import v2 as transforms
 
 from Diffusion.Config import ConfigError
 

@@ -21,11 +21,10 @@ import os
 import torch
 from torch import nn
 
-from Diffusion.Checkpoint import save_atomically
+from Diffusion.Checkpoint import TIME_TABLE, load_tensors, save_atomically
 from Diffusion.Config import ConfigError
 from Diffusion.Model import AttnBlock, ResBlock, UNet
 
-TABLE_KEY = "time_embedding.timembedding.0.weight"
 CHECKPOINT_NAME = "ckpt_official_.pt"
 CONFIG_NAME = "config.json"
 
@@ -244,7 +243,7 @@ def tensor_mapping(model, names):
     modules = module_names(model, names)
     mapping = {}
     for key in model.state_dict():
-        if key != TABLE_KEY:
+        if key != TIME_TABLE:
             module, tensor = key.rsplit(".", 1)
             mapping[key] = f"{modules[module]}.{tensor}"
     return mapping
@@ -292,15 +291,6 @@ def renamed(tensors, model, names, architecture, source):
     return state_dict
 
 
-def _load_failure(error):
-    """Why torch.load(weights_only=True) failed, in one line."""
-    if "Unsupported global" in str(error):  # the file pickles objects, not only tensors
-        return ("it holds pickled Python objects besides tensors (a whole saved model?), which "
-                "cannot be loaded without running code from it; save its state_dict() instead")
-    first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
-    return f"it is not a torch weights file, or it is truncated ({type(error).__name__}: {first_line})"
-
-
 def read_tensors(path):
     """The name -> tensor dict in a weights file: .safetensors, or a torch.save file (.bin, .pt,
     .ckpt) read with weights_only=True, which runs no code from it."""
@@ -316,13 +306,7 @@ def read_tensors(path):
             return load_file(path, device="cpu")
         except Exception as error:  # a truncated or foreign file
             raise ConfigError(f"{path!r} is not a readable .safetensors file ({error}).") from None
-    try:
-        tensors = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise ConfigError(f"{path!r} cannot be read: {_load_failure(error)}.") from None
-    if not isinstance(tensors, dict) or not all(torch.is_tensor(value) for value in tensors.values()):
-        raise ConfigError(f"{path!r} does not hold a plain state dict (name -> tensor).")
-    return tensors
+    return load_tensors(path, "cpu")
 
 
 def _diffusers_model_folder(folder):
@@ -425,7 +409,7 @@ def convert(tensors, options=None, source="the weights", T=OFFICIAL_SCHEDULE["T"
                  architecture["num_res_blocks"], OFFICIAL_DROPOUT, options["group_norm_eps"],
                  options["downsample_padding"])
     state_dict = renamed(tensors, model, names, architecture, source)
-    state_dict[TABLE_KEY] = official_time_table(T, architecture["channel"],
+    state_dict[TIME_TABLE] = official_time_table(T, architecture["channel"],
                                                 options["flip_sin_to_cos"], options["freq_shift"])
     model.load_state_dict(state_dict, strict=True)
     config = {"state": "eval", **OFFICIAL_SCHEDULE, "T": T, **architecture,

@@ -12,8 +12,14 @@ from torch.optim.lr_scheduler import CosineAnnealingLR
 from torchvision.utils import save_image
 from tqdm import tqdm
 
-from Diffusion.Checkpoint import (TRAINING_STATE, checkpoint_name, epoch_of, list_checkpoints,
-                                  load_weights, save_atomically)
+from Diffusion.Checkpoint import (
+    TRAINING_STATE,
+    checkpoint_name,
+    epoch_of,
+    list_checkpoints,
+    load_weights,
+    save_atomically,
+)
 from Diffusion.Config import ConfigError
 from Diffusion.Data import training_dataset, training_loader
 from Diffusion.Diffusion import GaussianDiffusionSampler, GaussianDiffusionTrainer
@@ -113,7 +119,8 @@ def resume(config, model, optimizer, scheduler, folder, device):
     state_path = os.path.join(folder, TRAINING_STATE)
     state = torch.load(state_path, map_location=device, weights_only=True) \
         if os.path.isfile(state_path) else {}
-    if state.get("checkpoint") == name:
+    optimizer_saved_with_it = state.get("checkpoint") == name
+    if optimizer_saved_with_it:
         optimizer.load_state_dict(state["optimizer"])
     epoch = epoch_of(name)
     first_epoch = 0 if epoch is None else epoch + 1
@@ -121,15 +128,14 @@ def resume(config, model, optimizer, scheduler, folder, device):
         warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
         for _ in range(first_epoch):
             scheduler.step()
-    optimizer_note = "with" if state.get("checkpoint") == name else "without (none saved with it)"
+    optimizer_note = "with" if optimizer_saved_with_it else "without (none saved with it)"
     tqdm.write(f"continuing from {name} at epoch {first_epoch}, {optimizer_note} its optimizer state")
     return first_epoch
 
 
-def starting_noise(config, device):
-    """x_T ~ N(0, I): [batch_size, 3, img_size, img_size]."""
-    size = config["img_size"]
-    return torch.randn(config["batch_size"], 3, size, size, device=device)
+def starting_noise(count, img_size, device):
+    """x_T ~ N(0, I): [count, 3, img_size, img_size]."""
+    return torch.randn(count, 3, img_size, img_size, device=device)
 
 
 def save_grid(images, folder, name, nrow):
@@ -150,6 +156,6 @@ def eval(modelConfig):
     model.to(device).eval()
     sampler = GaussianDiffusionSampler(model, config["beta_1"], config["beta_T"], config["T"],
                                        clip_denoised=config["clip_denoised"]).to(device)
-    x_T = starting_noise(config, device)
+    x_T = starting_noise(config["batch_size"], config["img_size"], device)
     save_grid(x_T, config["sampled_dir"], config["sampledNoisyImgName"], config["nrow"])
     save_grid(sampler(x_T), config["sampled_dir"], config["sampledImgName"], config["nrow"])

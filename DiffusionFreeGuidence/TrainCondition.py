@@ -11,15 +11,12 @@ import torch
 from torchvision.utils import make_grid
 from tqdm import tqdm
 
-from Diffusion.Checkpoint import load_into, read_state_dict
+from Diffusion.Checkpoint import load_into, num_labels_of, read_state_dict
 from Diffusion.Config import ConfigError
 from Diffusion.Data import training_dataset
-from Diffusion.Train import fit, save_grid, seed_everything
+from Diffusion.Train import fit, save_grid, seed_everything, starting_noise
 from DiffusionFreeGuidence.DiffusionCondition import GaussianDiffusionSampler
 from DiffusionFreeGuidence.ModelCondition import UNet
-
-CLASS_TABLE = "cond_embedding.condEmbedding.0.weight"
-
 
 def unet_of(config, num_labels):
     """The conditional UNet that config describes, for `num_labels` classes."""
@@ -72,7 +69,7 @@ def eval(modelConfig):
     seed_everything(config["seed"])
     state_dict = read_state_dict(config["save_dir"], config["test_load_weight"], device)
     # An unconditional checkpoint has no class table; it fails to load below, saying so.
-    num_labels = state_dict[CLASS_TABLE].shape[0] - 1 if CLASS_TABLE in state_dict else 1
+    num_labels = num_labels_of(state_dict) or 1
     model = unet_of(config, num_labels)
     load_into(model, state_dict, os.path.join(config["save_dir"], config["test_load_weight"]), config)
     model.to(device).eval()
@@ -80,8 +77,7 @@ def eval(modelConfig):
     classes = classes_to_sample(config, num_labels)
     per_class = config["batch_size"] // len(classes)
     labels = torch.tensor(classes, device=device).repeat_interleave(per_class) + 1
-    size = config["img_size"]
-    x_T = torch.randn(len(labels), 3, size, size, device=device)
+    x_T = starting_noise(len(labels), config["img_size"], device)
     save_grid(x_T, config["sampled_dir"], config["sampledNoisyImgName"], per_class)
 
     weights = config["w"] if isinstance(config["w"], (list, tuple)) else [config["w"]]

@@ -10,13 +10,20 @@ from functools import partial
 import diffusers
 import pytest
 import torch
+from conftest import run_script
 from torch import nn
 
-from conftest import run_script
+from Diffusion.Checkpoint import TIME_TABLE
 from Diffusion.Config import ConfigError
-from Diffusion.ImportWeights import (CHECKPOINT_NAME, TABLE_KEY, DiffusersNames, convert,
-                                     import_weights, official_time_table,
-                                     options_of_diffusers_config, tensor_mapping)
+from Diffusion.ImportWeights import (
+    CHECKPOINT_NAME,
+    DiffusersNames,
+    convert,
+    import_weights,
+    official_time_table,
+    options_of_diffusers_config,
+    tensor_mapping,
+)
 from Diffusion.Model import UNet
 from Diffusion.Train import unet_of
 
@@ -160,7 +167,7 @@ def test_official_size_model_uses_every_tensor_once_and_loads_strictly():
     assert sorted(mapping.values()) == sorted(tensors)  # a bijection onto the source's tensors
     for ours, theirs in mapping.items():
         assert torch.equal(state_dict[ours].flatten(), tensors[theirs].flatten())
-    assert state_dict[TABLE_KEY].shape == (1000, 128)
+    assert state_dict[TIME_TABLE].shape == (1000, 128)
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert trained == sum(p.numel() for p in source.parameters()) == 35_746_307
 

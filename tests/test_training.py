@@ -100,7 +100,7 @@ def test_eval_of_a_conditional_checkpoint_says_to_use_main_condition(trained_unc
     assert "MainCondition.py" in message
 
 
-@pytest.mark.parametrize("content, says", [(b"not a checkpoint", "not a checkpoint"),
+@pytest.mark.parametrize("content, says", [(b"not a checkpoint", "not a torch weights file"),
                                            ({"weights": [1, 2]}, "plain state_dict")])
 def test_eval_of_a_file_that_is_no_state_dict_says_so(tiny_config, content, says):
     path = Path(tiny_config["save_weight_dir"]) / "ckpt_0_.pt"
