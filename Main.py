@@ -42,6 +42,17 @@ modelConfig = {
     "group_norm_eps": 1e-5,
     "downsample_padding": "symmetric",
     "clip_denoised": False,
+    "ema_decay": 0.9999,
+    "use_ema": True,
+    "save_every": 10,
+    "keep_last": None,
+    "save_state_minutes": 5.,
+    "log_every": 100,
+    "sample_every": 10,
+    "overwrite": False,
+    "amp": "none",
+    "compile": False,
+    "channels_last": False,
 }
 
 

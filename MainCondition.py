@@ -42,6 +42,18 @@ modelConfig = {
     "max_images": None,
     "seed": None,
     "clip_denoised": False,
+    "label_dropout": "example",
+    "ema_decay": 0.9999,
+    "use_ema": True,
+    "save_every": 8,  # so that ckpt_63_.pt, eval's default (the original's), is among the snapshots
+    "keep_last": None,
+    "save_state_minutes": 5.,
+    "log_every": 100,
+    "sample_every": 10,
+    "overwrite": False,
+    "amp": "none",
+    "compile": False,
+    "channels_last": False,
 }
 
 

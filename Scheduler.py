@@ -1,4 +1,6 @@
 """Learning-rate warm-up, then another schedule (cosine annealing in this repo)."""
+import warnings
+
 from torch.optim.lr_scheduler import LRScheduler
 
 
@@ -30,3 +32,22 @@ class GradualWarmupScheduler(LRScheduler):
             self.last_epoch += 1
             self.after_scheduler.step()
             self._last_lr = self.after_scheduler.get_last_lr()
+
+    def state_dict(self):
+        """Plain values only (the schedule after warm-up as its own state_dict), so that the
+        training state loads with torch.load(weights_only=True)."""
+        state = {key: value for key, value in super().state_dict().items() if key != "after_scheduler"}
+        return {**state, "after_scheduler": self.after_scheduler.state_dict()}
+
+    def load_state_dict(self, state_dict):
+        state = dict(state_dict)
+        self.after_scheduler.load_state_dict(state.pop("after_scheduler"))
+        super().load_state_dict(state)
+
+    def fast_forward(self, epochs):
+        """Step through `epochs` epochs at once (continuing a run from its weights alone)."""
+        with warnings.catch_warnings():  # no optimizer step comes before these steps
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step",
+                                    category=UserWarning)
+            for _ in range(epochs):
+                self.step()

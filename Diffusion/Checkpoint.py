@@ -5,6 +5,7 @@ continuing a run needs besides the weights: the optimizer's state, and which che
 Files are written to a temporary name and renamed, so an interrupted save never leaves a
 truncated checkpoint; everything is read with `weights_only=True`, which runs no code.
 """
+import json
 import os
 import re
 
@@ -13,6 +14,7 @@ import torch
 from Diffusion.Config import ConfigError
 
 TRAINING_STATE = "training_state.pt"
+RUN_INFO = "run.json"
 TIME_TABLE = "time_embedding.timembedding.0.weight"  # [T, channel]
 CLASS_TABLE = "cond_embedding.condEmbedding.0.weight"  # [num_labels + 1, channel], conditional only
 _CHECKPOINT_NAME = re.compile(r"ckpt_(\d+)_\.pt$")
@@ -40,6 +42,26 @@ def save_atomically(obj, path):
             os.remove(temporary)
 
 
+def write_run_info(folder, **entries):
+    """Merge `entries` into folder/run.json, what eval needs to know of the run."""
+    info = {**read_run_info(folder), **entries}
+    os.makedirs(folder, exist_ok=True)
+    temporary = os.path.join(folder, f"{RUN_INFO}.tmp")
+    with open(temporary, "w") as file:
+        json.dump(info, file, indent=1)
+    os.replace(temporary, os.path.join(folder, RUN_INFO))
+
+
+def read_run_info(folder):
+    """folder/run.json as a dict; {} when there is none or it cannot be read."""
+    try:
+        with open(os.path.join(folder, RUN_INFO)) as file:
+            info = json.load(file)
+    except (OSError, ValueError):
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
 def list_checkpoints(folder):
     """The ckpt_{epoch}_.pt files in `folder`, oldest epoch first."""
     if not os.path.isdir(folder):
@@ -56,13 +78,19 @@ def _load_failure(error):
     return f"it is not a torch weights file, or it is truncated ({type(error).__name__}: {first_line})"
 
 
+def safe_load(path, device):
+    """What torch.save wrote to `path`, read with weights_only=True (no code from the file
+    runs); a file that cannot be read raises a ConfigError saying why."""
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as error:
+        raise ConfigError(f"{path!r} cannot be read: {_load_failure(error)}.") from None
+
+
 def load_tensors(path, device):
     """The name -> tensor dict that torch.save wrote to `path`, read with weights_only=True;
     anything else raises a ConfigError saying why."""
-    try:
-        tensors = torch.load(path, map_location=device, weights_only=True)
-    except Exception as error:
-        raise ConfigError(f"{path!r} cannot be read: {_load_failure(error)}.") from None
+    tensors = safe_load(path, device)
     if not isinstance(tensors, dict) or not all(torch.is_tensor(value) for value in tensors.values()):
         raise ConfigError(f"{path!r} does not hold a plain state_dict (name -> tensor), as "
                           f"ckpt_*_.pt files do.")

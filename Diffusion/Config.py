@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 import torch
 
+from Diffusion.Interrupt import TrainingStopped
 from Diffusion.Model import DOWNSAMPLE_PADDINGS
 
 
@@ -115,6 +116,18 @@ KINDS = {
     "w": FLOAT_OR_FLOAT_LIST,
     "p_uncond": FLOAT,
     "labels": _optional(INT_LIST),
+    "ema_decay": FLOAT,
+    "use_ema": BOOL,
+    "save_every": INT,
+    "keep_last": _optional(INT),
+    "save_state_minutes": FLOAT,
+    "log_every": INT,
+    "sample_every": INT,
+    "overwrite": BOOL,
+    "label_dropout": _choice("example", "batch"),
+    "amp": _choice("none", "bf16", "fp16"),
+    "compile": BOOL,
+    "channels_last": BOOL,
 }
 
 MEANINGS = {
@@ -154,6 +167,24 @@ MEANINGS = {
     "w": "guidance weight: eps = (1 + w) eps(x, c) - w eps(x); a list gives one grid per value",
     "p_uncond": "probability that a training example's label is replaced by the null label",
     "labels": "classes eval samples, one per row (None: every class)",
+    "ema_decay": "decay of the exponential moving average of the weights (0: no EMA); "
+                 "snapshots hold the EMA weights",
+    "use_ema": "eval samples from the EMA weights (false: the raw weights of training_state.pt)",
+    "save_every": "write the weight snapshot ckpt_{epoch}_.pt every this many epochs (and after "
+                  "the last)",
+    "keep_last": "keep only the newest this many snapshots (None: all)",
+    "save_state_minutes": "minutes between saves of training_state.pt within an epoch (it is also "
+                          "saved after every epoch and on SIGTERM or Ctrl-C)",
+    "log_every": "steps between lines of training_log.jsonl (0: one per epoch only)",
+    "sample_every": "epochs between sample grids in the checkpoint folder's samples/ and "
+                    "TensorBoard (0: never)",
+    "overwrite": "let a new run (training_load_weight None) delete a run already in the "
+                 "checkpoint folder",
+    "label_dropout": "example: drop each label with p_uncond (the paper); batch: drop the whole "
+                     "batch's labels with p_uncond (the original)",
+    "amp": "mixed precision: none (float32), bf16 (GPU or CPU) or fp16 (GPU, with loss scaling)",
+    "compile": "torch.compile the UNet (faster steps after a slow start)",
+    "channels_last": "NHWC memory format for the UNet (faster convolutions on GPUs)",
 }
 
 
@@ -243,7 +274,24 @@ def _labels(config):
         return f"labels must list class indices (0, 1, ...), not {config['labels']}."
 
 
-CHECKS = [_counts, _channels, _attn_levels, _image_size, _schedule, _device, _labels]
+def _training(config):
+    if "ema_decay" in config and not 0 <= config["ema_decay"] < 1:
+        return (f"ema_decay must be at least 0 (no EMA) and below 1, not {config['ema_decay']}: "
+                f"the DDPM paper used 0.9999.")
+    for key in ("save_every", "keep_last"):
+        if config.get(key) is not None and config[key] < 1:
+            return f"{key} must be at least 1, not {config[key]}."
+    for key in ("log_every", "sample_every"):
+        if config.get(key, 0) < 0:
+            return f"{key} must be 0 (never) or more, not {config[key]}."
+    minutes = config.get("save_state_minutes", 1)
+    if not (minutes > 0 and math.isfinite(minutes)):
+        return f"save_state_minutes must be a positive number, not {minutes}."
+    if config.get("amp") == "fp16" and torch.device(config["device"]).type != "cuda":
+        return "amp fp16 needs a CUDA device; on a CPU use amp bf16 (or none)."
+
+
+CHECKS = [_counts, _channels, _attn_levels, _image_size, _schedule, _device, _labels, _training]
 
 
 def _argument_type(key):
@@ -309,3 +357,6 @@ def run_from_command_line(main, defaults, description):
         main(config)
     except ConfigError as error:
         sys.exit(f"error: {error}")
+    except TrainingStopped as stopped:
+        print(stopped, file=sys.stderr)
+        sys.exit(stopped.exit_status)

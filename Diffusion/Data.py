@@ -1,7 +1,9 @@
 """Training images: CIFAR-10, any torchvision dataset of the same form, or a folder of images.
 
-Every image becomes RGB, is fitted to img_size (resized, centre-cropped), randomly flipped
-left-right, and scaled to [-1, 1]; for CIFAR-10 at 32x32 this is the original's pipeline.
+Every image becomes RGB, is fitted to img_size (resized, centre-cropped) and scaled to [-1, 1];
+training then flips it left-right at random (Randomness.flip_left_right_at_random, on the device,
+so that a continued run sees the same flips). For CIFAR-10 at 32x32 this is the original's
+pipeline.
 """
 import difflib
 import os
@@ -13,15 +15,15 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, ImageFolder, default_loa
 from torchvision.transforms import v2 as transforms
 
 from Diffusion.Config import ConfigError
+from Diffusion.Interrupt import ignore_ctrl_c
 
 
 def training_transform(img_size):
-    """PIL image -> [3, img_size, img_size] in [-1, 1], randomly flipped left-right."""
+    """PIL image -> [3, img_size, img_size] in [-1, 1]."""
     return transforms.Compose([
         transforms.RGB(),
         transforms.Resize(img_size),
         transforms.CenterCrop(img_size),
-        transforms.RandomHorizontalFlip(),
         transforms.ToImage(),
         transforms.ToDtype(torch.float32, scale=True),
         transforms.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
@@ -123,13 +125,16 @@ def training_dataset(config, labelled=False):
     return dataset
 
 
-def training_loader(dataset, config, device):
-    """Shuffled batches of (images [B, 3, img_size, img_size] in [-1, 1], labels [B]);
-    the last incomplete batch is dropped."""
+def training_loader(dataset, config, sampler, device):
+    """Batches of (images [B, 3, img_size, img_size] in [-1, 1], labels [B]) in the order of
+    `sampler`; the last incomplete batch is dropped."""
     workers = config["num_workers"]
-    return DataLoader(dataset, batch_size=config["batch_size"], shuffle=True, drop_last=True,
+    # Its own generator: the loader draws its workers' seeds from it, not from torch's global
+    # generator, whose state a training state saves.
+    return DataLoader(dataset, batch_size=config["batch_size"], sampler=sampler, drop_last=True,
                       num_workers=workers, persistent_workers=workers > 0,
-                      pin_memory=torch.device(device).type == "cuda")
+                      pin_memory=torch.device(device).type == "cuda", worker_init_fn=ignore_ctrl_c,
+                      generator=torch.Generator())
 
 
 def default_num_workers():

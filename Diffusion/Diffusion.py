@@ -10,6 +10,10 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm import tqdm
 
+from Diffusion.Randomness import GlobalBatch
+
+SINGLE_PROCESS = GlobalBatch()  # draws from torch's global generator
+
 
 def linear_betas(beta_1, beta_T, T):
     """The paper's linear schedule beta_1 .. beta_T, float64 [T]. Spaced in float32 first, as the
@@ -34,12 +38,13 @@ class GaussianDiffusionTrainer(nn.Module):
         self.register_buffer("sqrt_alphas_bar", alphas_bar.sqrt())
         self.register_buffer("sqrt_one_minus_alphas_bar", (1. - alphas_bar).sqrt())
 
-    def forward(self, x_0, *condition):
+    def forward(self, x_0, *condition, batch=SINGLE_PROCESS):
         """x_0 [B, C, H, W] in [-1, 1] -> per-element squared error [B, C, H, W] at a random
         t ~ Uniform{0..T-1} and eps ~ N(0, I). `condition` goes to the model after t (the
-        class labels [B] of the conditional model)."""
-        t = torch.randint(self.T, size=(x_0.shape[0],), device=x_0.device)
-        noise = torch.randn_like(x_0)
+        class labels [B] of the conditional model). `batch` draws t and eps (a GlobalBatch:
+        an image gets the same ones whatever the number of training processes)."""
+        t = batch.randint(self.T, x_0.shape[0], x_0.device)
+        noise = batch.randn_like(x_0)
         return self.noise_prediction_error(x_0, t, noise, *condition)
 
     def noise_prediction_error(self, x_0, t, noise, *condition):

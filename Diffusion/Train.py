@@ -2,31 +2,43 @@
 (Algorithm 2 from a checkpoint, saved as image grids) of the unconditional DDPM.
 
 `fit`, `starting_noise` and `save_grid` are the recipe steps the class-conditional model
-(DiffusionFreeGuidence/TrainCondition.py) shares.
+(DiffusionFreeGuidence/TrainCondition.py) shares. What the recipe calls lives in modules of its
+own: the training state and continuing a run (TrainingState.py), the EMA (EMA.py), the files of
+a run (RunFolder.py), the run log (RunLog.py), several processes (Distributed.py), the speed
+options (Speed.py) and the random numbers (Randomness.py).
 """
 import os
-import warnings
+import signal
+import time
 
 import torch
 from torch.optim.lr_scheduler import CosineAnnealingLR
 from torchvision.utils import save_image
 from tqdm import tqdm
 
-from Diffusion.Checkpoint import (
-    TRAINING_STATE,
-    checkpoint_name,
-    epoch_of,
-    list_checkpoints,
-    load_weights,
-    save_atomically,
-)
+from Diffusion.Checkpoint import load_weights, write_run_info
 from Diffusion.Config import ConfigError
 from Diffusion.Data import training_dataset, training_loader
 from Diffusion.Diffusion import GaussianDiffusionSampler, GaussianDiffusionTrainer
+from Diffusion.Distributed import (
+    EpochSampler,
+    any_process,
+    assert_identical_weights,
+    for_training,
+    sum_over_processes,
+    training_processes,
+)
+from Diffusion.EMA import EMA
+from Diffusion.Interrupt import StopRequests, TrainingStopped
 from Diffusion.Model import UNet
+from Diffusion.Randomness import GlobalBatch, flip_left_right_at_random
+from Diffusion.RunFolder import disk_plan, is_snapshot_epoch, megabytes, save_snapshot
+from Diffusion.RunLog import Progress, RunLog
+from Diffusion.Speed import adamw, autocast, compiled, grad_scaler, memory_format_of, place
+from Diffusion.TrainingState import TrainingState, checkpoint_dir_key, start
 from Scheduler import GradualWarmupScheduler
 
-PROGRESS_EVERY = 10  # batches between progress-bar updates (each one waits for the device)
+MAX_NON_FINITE_IN_A_ROW = 50  # skipped steps in a row after which training is given up
 
 
 def unet_of(config):
@@ -42,95 +54,165 @@ def seed_everything(seed):
         torch.manual_seed(seed)
 
 
-def original_loss(trainer, x_0, labels):
+def original_loss(trainer, x_0, labels, batch):
     """Algorithm 1's loss, reduced as the original: the sum over the batch / 1000."""
-    return trainer(x_0).sum() / 1000.
+    return trainer(x_0, batch=batch).sum() / 1000.
 
 
 def train(modelConfig):
-    seed_everything(modelConfig["seed"])
+    seed_everything(modelConfig["seed"])  # the initial weights
     model = unet_of(modelConfig)
     fit(modelConfig, model, training_dataset(modelConfig), modelConfig["save_weight_dir"],
-        original_loss)
+        original_loss, preview=unconditional_preview(modelConfig))
 
 
-def fit(config, model, dataset, checkpoint_dir, loss_of_batch):
-    """The training recipe: AdamW, warm-up then cosine annealing, gradient clipping; a
-    checkpoint after every epoch. loss_of_batch(trainer, images, labels) -> scalar loss."""
-    device = torch.device(config["device"])
-    model.to(device)
-    trainer = GaussianDiffusionTrainer(model, config["beta_1"], config["beta_T"], config["T"]).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=1e-4)
-    scheduler = GradualWarmupScheduler(
+def warmup_cosine(optimizer, config):
+    """The original's LR schedule, stepped once per epoch: linear warm-up from lr to
+    lr * multiplier over epoch // 10 epochs, then cosine annealing to 0."""
+    return GradualWarmupScheduler(
         optimizer, multiplier=config["multiplier"], warm_epoch=config["epoch"] // 10,
         after_scheduler=CosineAnnealingLR(optimizer, T_max=config["epoch"], eta_min=0))
-    first_epoch = resume(config, model, optimizer, scheduler, checkpoint_dir, device)
-    if first_epoch >= config["epoch"]:
-        tqdm.write(f"nothing to train: the run already has all {config['epoch']} epochs; raise "
-                   f"epoch to train longer (the cosine schedule then stretches to the new length)")
-    loader = training_loader(dataset, config, device)
-    for epoch in range(first_epoch, config["epoch"]):
-        model.train()
-        train_one_epoch(trainer, loader, optimizer, loss_of_batch, config, epoch)
-        scheduler.step()
-        save_checkpoint(model, optimizer, checkpoint_dir, epoch)
 
 
-def train_one_epoch(trainer, loader, optimizer, loss_of_batch, config, epoch):
-    """One pass over `loader`; the bar shows the epoch's running mean loss and the LR."""
-    device = trainer.betas.device
-    loss_sum = torch.zeros((), device=device)
-    lr = optimizer.param_groups[0]["lr"]
-    with tqdm(loader, desc=f"epoch {epoch}/{config['epoch'] - 1}", dynamic_ncols=True) as bar:
-        for batch, (images, labels) in enumerate(bar, start=1):
-            optimizer.zero_grad(set_to_none=True)
-            loss = loss_of_batch(trainer, images.to(device, non_blocking=True),
-                                 labels.to(device, non_blocking=True))
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(trainer.model.parameters(), config["grad_clip"])
-            optimizer.step()
-            loss_sum += loss.detach()
-            if batch % PROGRESS_EVERY == 0 or batch == len(loader):
-                bar.set_postfix(mean_loss=f"{loss_sum.item() / batch:.4f}", lr=f"{lr:.3g}")
+def fit(config, model, dataset, checkpoint_dir, loss_of_batch, preview=None, run_info=None):
+    """The training recipe: AdamW, warm-up then cosine annealing, gradient clipping and an EMA
+    of the weights; the training state saved as it goes, weight snapshots, a run log.
+    loss_of_batch(trainer, x_0, labels, batch) -> the global batch's loss; preview(model) ->
+    (images [N, 3, H, W], images per row), drawn every sample_every epochs; run_info: entries
+    for run.json (the class names)."""
+    with training_processes(config) as processes, StopRequests() as stop:
+        device = processes.device
+        model = place(model, config, device)
+        optimizer = adamw(model.parameters(), config["lr"], device)
+        ema = EMA(model, config["ema_decay"]) if config["ema_decay"] > 0 else None
+        state = TrainingState(model, ema, optimizer, warmup_cosine(optimizer, config),
+                              grad_scaler(config, device), processes, config)
+        start(state, config, checkpoint_dir)
+        if processes.is_main:
+            write_run_info(checkpoint_dir, snapshot_weights="ema" if ema else "raw", **(run_info or {}))
+            weights_mb = megabytes(model.state_dict())  # the state: weights, EMA, AdamW's 2 moments
+            tqdm.write(disk_plan(config, checkpoint_dir, state.epoch, weights_mb, weights_mb * (3 + bool(ema))))
+        network = compiled(for_training(model, processes), config)
+        trainer = GaussianDiffusionTrainer(network, config["beta_1"], config["beta_T"], config["T"]).to(device)
+        batch = GlobalBatch(state.generator, processes.rank, processes.world_size)
+        sampler = EpochSampler(dataset, processes, state.seed)
+        loader = training_loader(dataset, config, sampler, device)
+        log = RunLog(checkpoint_dir, processes)
+        progress = Progress(config, state, len(sampler) // config["batch_size"], processes)
+        for epoch in range(state.epoch, config["epoch"]):
+            sampler.start_epoch(epoch, skip=state.step_in_epoch * config["batch_size"])
+            model.train()
+            train_one_epoch(state, trainer, loader, loss_of_batch, batch, config, log, progress,
+                            stop, checkpoint_dir)
+            end_epoch(state, config, checkpoint_dir, log, progress, preview)
+        if state.epoch >= config["epoch"] and not progress.steps_done:
+            tqdm.write(f"nothing to train: the run already has all {config['epoch']} epochs; raise "
+                       f"epoch to train longer (the cosine schedule then stretches to the new length)")
+        assert_identical_weights(model, processes)
+        log.close()
 
 
-def save_checkpoint(model, optimizer, folder, epoch):
-    """ckpt_{epoch}_.pt (the weights) and training_state.pt (what resuming needs besides)."""
-    name = checkpoint_name(epoch)
-    save_atomically(model.state_dict(), os.path.join(folder, name))
-    save_atomically({"checkpoint": name, "optimizer": optimizer.state_dict()},
-                    os.path.join(folder, TRAINING_STATE))
+def training_step(state, trainer, images, labels, loss_of_batch, batch, config):
+    """One optimizer step on a batch; returns its loss and whether the step was taken (a step
+    whose gradients are not finite is skipped)."""
+    device = state.processes.device
+    x_0 = flip_left_right_at_random(images.to(device, non_blocking=True), batch)
+    x_0 = x_0.contiguous(memory_format=memory_format_of(config))
+    state.optimizer.zero_grad(set_to_none=True)
+    with autocast(config, device):
+        loss = loss_of_batch(trainer, x_0, labels.to(device, non_blocking=True), batch)
+    # DistributedDataParallel averages the processes' gradients; the loss is the global batch's.
+    state.scaler.scale(loss * batch.world_size).backward()
+    state.scaler.unscale_(state.optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(state.model.parameters(), config["grad_clip"])
+    finite = bool(grad_norm.isfinite())  # the one device sync of a step
+    if finite:
+        state.scaler.step(state.optimizer)
+        if state.ema:
+            state.ema.update(state.model)
+    state.scaler.update()
+    return loss.detach(), finite
 
 
-def resume(config, model, optimizer, scheduler, folder, device):
-    """Continue from config["training_load_weight"] ("last": the newest checkpoint): load its
-    weights, the optimizer state saved with it if there is one, and move the LR schedule to the
-    epoch after the checkpoint's. Returns the first epoch to train."""
-    name = config["training_load_weight"]
-    if name is None:
-        return 0
-    if name == "last":
-        present = list_checkpoints(folder)
-        if not present:
-            raise ConfigError(f"training_load_weight is 'last' but {folder!r} holds no "
-                              f"checkpoints: set it to None to start a new run.")
-        name = present[-1]
-    load_weights(model, folder, name, config, device)
-    state_path = os.path.join(folder, TRAINING_STATE)
-    state = torch.load(state_path, map_location=device, weights_only=True) \
-        if os.path.isfile(state_path) else {}
-    optimizer_saved_with_it = state.get("checkpoint") == name
-    if optimizer_saved_with_it:
-        optimizer.load_state_dict(state["optimizer"])
-    epoch = epoch_of(name)
-    first_epoch = 0 if epoch is None else epoch + 1
-    with warnings.catch_warnings():  # the schedule is replayed before any optimizer step
-        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
-        for _ in range(first_epoch):
-            scheduler.step()
-    optimizer_note = "with" if optimizer_saved_with_it else "without (none saved with it)"
-    tqdm.write(f"continuing from {name} at epoch {first_epoch}, {optimizer_note} its optimizer state")
-    return first_epoch
+def train_one_epoch(state, trainer, loader, loss_of_batch, batch, config, log, progress, stop, folder):
+    """The rest of epoch state.epoch; the training state is saved every save_state_minutes, and
+    when a stop is requested (then TrainingStopped is raised)."""
+    last_save = time.monotonic()
+    with progress.bar(len(loader), state.epoch) as bar:
+        for images, labels in loader:
+            loss, finite = training_step(state, trainer, images, labels, loss_of_batch, batch, config)
+            state.step_in_epoch += 1
+            state.step += 1
+            state.non_finite_in_a_row = 0 if finite else state.non_finite_in_a_row + 1
+            state.skipped_steps += not finite
+            progress.add(loss, bar, state.optimizer.param_groups[0]["lr"])
+            if config["log_every"] and state.step % config["log_every"] == 0:
+                log.write("step", **progress.record(state, "step"))
+            give_up_if_diverged(state)
+            save_due = time.monotonic() - last_save >= 60 * config["save_state_minutes"]
+            stop_now, save_now = any_process([stop.signal is not None, save_due], state.processes)
+            if save_now or stop_now:
+                state.save(folder)
+                last_save = time.monotonic()
+            if stop_now:
+                raise TrainingStopped(stopped_message(state, stop, config), stop.signal or signal.SIGTERM)
+
+
+def give_up_if_diverged(state):
+    if state.non_finite_in_a_row >= MAX_NON_FINITE_IN_A_ROW:
+        raise ConfigError(
+            f"the loss was not finite for {state.non_finite_in_a_row} steps in a row (epoch "
+            f"{state.epoch}, step {state.step_in_epoch}): training diverged. Lower lr, or train "
+            f"with amp none or bf16 (fp16's range is small); the weights of the last saved "
+            f"state are untouched by the skipped steps.")
+
+
+def stopped_message(state, stop, config):
+    key = checkpoint_dir_key(config)
+    by = stop.name if stop.signal else "another process's signal"
+    return (f"stopped by {by} at epoch {state.epoch}, step {state.step_in_epoch}; the "
+            f"training state is saved. Continue with the same command and "
+            f"--training_load_weight last (checkpoint folder {config[key]}).")
+
+
+def end_epoch(state, config, folder, log, progress, preview):
+    """The epoch's LR step, snapshot, training state, log line and sample grid."""
+    epoch = state.epoch
+    record = progress.record(state, "epoch")
+    state.scheduler.step()
+    state.next_epoch()
+    if state.processes.is_main and is_snapshot_epoch(epoch, config):
+        weights = state.ema.module if state.ema else state.model
+        save_snapshot(weights.state_dict(), folder, epoch, config["keep_last"])
+    state.save(folder)
+    log.write("epoch", **record)
+    if preview and config["sample_every"] and (epoch + 1) % config["sample_every"] == 0:
+        if state.processes.is_main:
+            images, nrow = draw_preview(preview, state, config)
+            log.samples(images, epoch, state.step, nrow)
+
+
+def draw_preview(preview, state, config):
+    """preview(model) with the EMA weights, from the same noise every time (the seed's), without
+    touching the training's random generators."""
+    model = state.ema.module if state.ema else state.model
+    device = state.processes.device
+    model.eval()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(state.seed)
+        images, nrow = preview(model)
+    state.model.train()
+    return images, nrow
+
+
+def unconditional_preview(config):
+    """preview(model) for the unconditional model: 16 samples, 4 per row."""
+    def preview(model):
+        device = next(model.parameters()).device
+        sampler = GaussianDiffusionSampler(model, config["beta_1"], config["beta_T"], config["T"],
+                                           clip_denoised=config["clip_denoised"]).to(device)
+        return sampler(starting_noise(16, config["img_size"], device), progress=False), 4
+    return preview
 
 
 def starting_noise(count, img_size, device):

@@ -14,6 +14,7 @@ from tqdm import tqdm
 from Diffusion.Checkpoint import load_into, num_labels_of, read_state_dict
 from Diffusion.Config import ConfigError
 from Diffusion.Data import training_dataset
+from Diffusion.Diffusion import SINGLE_PROCESS
 from Diffusion.Train import fit, save_grid, seed_everything, starting_noise
 from DiffusionFreeGuidence.DiffusionCondition import GaussianDiffusionSampler
 from DiffusionFreeGuidence.ModelCondition import UNet
@@ -25,26 +26,47 @@ def unet_of(config, num_labels):
                 dropout=config["dropout"])
 
 
-def drop_labels(labels, p_uncond):
-    """Replace each label by the null label 0, independently with probability p_uncond
-    (Ho & Salimans 2022, Algorithm 1: c <- null with probability p_uncond). labels [B]."""
-    keep = torch.rand(labels.shape, device=labels.device) >= p_uncond
+def drop_labels(labels, p_uncond, mode="example", batch=SINGLE_PROCESS):
+    """Replace labels [B] by the null label 0 with probability p_uncond (Ho & Salimans 2022,
+    Algorithm 1: c <- null with probability p_uncond): each label independently ("example", the
+    paper's), or the whole global batch's at once ("batch", the original's)."""
+    if mode == "example":
+        keep = batch.rand(labels.shape[0], labels.device) >= p_uncond
+    else:
+        keep = batch.rand_one(labels.device) >= p_uncond
     return labels * keep
 
 
-def guided_loss(trainer, x_0, labels, p_uncond):
+def guided_loss(trainer, x_0, labels, batch, p_uncond, label_dropout):
     """Algorithm 1 with labels shifted to 1..num_labels and randomly dropped; the loss is
-    reduced as the original: the sum over the batch / batch_size^2."""
-    conditions = drop_labels(labels + 1, p_uncond)
-    return trainer(x_0, conditions).sum() / x_0.shape[0] ** 2
+    reduced as the original: the sum over the batch / batch_size^2 (of the global batch)."""
+    conditions = drop_labels(labels + 1, p_uncond, label_dropout, batch)
+    return trainer(x_0, conditions, batch=batch).sum() / batch.size(x_0.shape[0]) ** 2
 
 
 def train(modelConfig):
-    seed_everything(modelConfig["seed"])
+    seed_everything(modelConfig["seed"])  # the initial weights
     dataset = training_dataset(modelConfig, labelled=True)
     model = unet_of(modelConfig, num_labels=len(dataset.classes))
-    fit(modelConfig, model, dataset, modelConfig["save_dir"],
-        partial(guided_loss, p_uncond=modelConfig["p_uncond"]))
+    loss = partial(guided_loss, p_uncond=modelConfig["p_uncond"],
+                   label_dropout=modelConfig["label_dropout"])
+    fit(modelConfig, model, dataset, modelConfig["save_dir"], loss,
+        preview=conditional_preview(modelConfig, len(dataset.classes)),
+        run_info={"classes": list(dataset.classes)})
+
+
+def conditional_preview(config, num_labels, per_class=4):
+    """preview(model): `per_class` guided samples of each class, one class per row."""
+    w = config["w"][0] if isinstance(config["w"], (list, tuple)) else config["w"]
+
+    def preview(model):
+        device = next(model.parameters()).device
+        labels = torch.arange(1, num_labels + 1, device=device).repeat_interleave(per_class)
+        sampler = GaussianDiffusionSampler(model, config["beta_1"], config["beta_T"], config["T"],
+                                           w=w, clip_denoised=config["clip_denoised"]).to(device)
+        return sampler(starting_noise(len(labels), config["img_size"], device), labels,
+                       progress=False), per_class
+    return preview
 
 
 def classes_to_sample(config, num_labels):

@@ -1,0 +1,140 @@
+"""Training on several processes, started by torchrun: one process per GPU (NCCL), or several
+CPU processes (gloo), with DistributedDataParallel. `batch_size` is per process; the loss is
+that of the global batch, so N processes train as one process with an N times larger batch.
+
+On one process (plain `python Main.py`) every helper here is the identity, so the recipe reads
+the same either way.
+"""
+import itertools
+import os
+import random
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DistributedSampler
+
+
+@dataclass(frozen=True)
+class Processes:
+    """This process's place among the training processes, and its device."""
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self):
+        """Rank 0 alone writes files, logs and progress bars."""
+        return self.rank == 0
+
+    @property
+    def distributed(self):
+        return self.world_size > 1 or dist.is_initialized()
+
+
+def launched_by_torchrun():
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "LOCAL_RANK" in os.environ
+
+
+@contextmanager
+def training_processes(config):
+    """Join torchrun's process group (NCCL on CUDA, with the GPU of LOCAL_RANK; gloo on CPU)
+    for the duration; a plain run is one process on config["device"]."""
+    device = torch.device(config["device"])
+    if not launched_by_torchrun():
+        yield Processes(device)
+        return
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                            device_id=device if device.type == "cuda" else None)
+    try:
+        yield Processes(device, dist.get_rank(), dist.get_world_size())
+    finally:
+        dist.destroy_process_group()
+
+
+def for_training(model, processes):
+    """`model` wrapped in DistributedDataParallel, which averages the gradients of the
+    processes in backward (and starts them all from rank 0's weights)."""
+    if not processes.distributed:
+        return model
+    device_ids = [processes.device] if processes.device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=device_ids)
+
+
+def common_seed(seed, processes):
+    """`seed`, or when it is None a random one drawn by rank 0, the same in every process."""
+    chosen = [seed if seed is not None else random.SystemRandom().randrange(2 ** 31)]
+    if processes.distributed:
+        dist.broadcast_object_list(chosen, src=0)
+    return chosen[0]
+
+
+def gather(value, processes):
+    """[value of rank 0, value of rank 1, ...] in every process."""
+    if not processes.distributed:
+        return [value]
+    values = [None] * processes.world_size
+    dist.all_gather_object(values, value)
+    return values
+
+
+def wait_for_all(processes):
+    """A barrier: return when every process has come here."""
+    if processes.distributed:
+        dist.barrier()
+
+
+def sum_over_processes(tensor, processes):
+    """The sum of `tensor` over the processes (a new tensor)."""
+    total = tensor.detach().clone()
+    if processes.distributed:
+        dist.all_reduce(total)
+    return total
+
+
+def any_process(flags, processes):
+    """Flags [N] of booleans: each True if it is True in any process."""
+    if not processes.distributed:
+        return [bool(flag) for flag in flags]
+    flags = torch.tensor(flags, dtype=torch.int32, device=processes.device)
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return [bool(flag) for flag in flags.tolist()]
+
+
+def assert_identical_weights(model, processes):
+    """Raise if any process's weights differ from rank 0's (a desynchronised run)."""
+    if not processes.distributed:
+        return
+    with torch.no_grad():
+        flat = torch.cat([p.detach().flatten().float() for p in model.state_dict().values()])
+        reference = flat.clone()
+        dist.broadcast(reference, src=0)
+        differs = any_process([bool((flat != reference).any())], processes)[0]
+    if differs:
+        raise RuntimeError("the training processes ended with different weights")
+
+
+class EpochSampler(DistributedSampler):
+    """The data order: epoch e is a random permutation seeded by seed + e, of which this process
+    takes every world_size-th image (DistributedSampler); `start_epoch` can begin `skip` images
+    into it, where a stopped run left off."""
+
+    def __init__(self, dataset, processes, seed):
+        super().__init__(dataset, num_replicas=processes.world_size, rank=processes.rank,
+                         shuffle=True, seed=seed, drop_last=True)
+        self.skip = 0
+
+    def start_epoch(self, epoch, skip=0):
+        self.set_epoch(epoch)
+        self.skip = skip
+
+    def __iter__(self):
+        return itertools.islice(super().__iter__(), self.skip, None)
+
+    def __len__(self):
+        return super().__len__() - self.skip

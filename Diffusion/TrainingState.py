@@ -1,0 +1,204 @@
+"""The training state, `training_state.pt`: everything a run needs to continue to the very
+result it would have reached without stopping: the raw and the EMA weights, the optimizer, the
+LR schedule, the GradScaler, where the run is (epoch, step within it), its seed and the state of
+every random generator of every process (the data order follows from the seed and the position).
+
+It is written atomically (the previous state stays readable until the new one is complete) at
+the end of every epoch, every save_state_minutes, and when the run is asked to stop. `start`
+decides where a run begins: a new run, or a continuation (see `continue_run`).
+"""
+import os
+
+from tqdm import tqdm
+
+from Diffusion.Checkpoint import (
+    TRAINING_STATE,
+    epoch_of,
+    list_checkpoints,
+    load_into,
+    safe_load,
+    save_atomically,
+)
+from Diffusion.Config import ConfigError
+from Diffusion.Distributed import common_seed, gather
+from Diffusion.Randomness import batch_generator, restore_rng_states, rng_states, seed_process
+from Diffusion.RunFolder import clear_run, describe_run, run_files
+
+STATE_FORMAT = "simplest-ddpm training state 1"
+
+
+class TrainingState:
+    """The objects a run trains and where it is: `epoch` (the one being trained, 0-based),
+    `step_in_epoch` (optimizer steps taken in it) and `step` (in all)."""
+
+    def __init__(self, model, ema, optimizer, scheduler, scaler, processes, config):
+        self.model, self.ema, self.optimizer = model, ema, optimizer
+        self.scheduler, self.scaler, self.processes = scheduler, scaler, processes
+        self.batch_size = config["batch_size"]
+        self.epoch = self.step_in_epoch = self.step = 0
+        self.skipped_steps = self.non_finite_in_a_row = 0  # steps whose gradients were not finite
+        self.seed = self.generator = None
+
+    def seed_with(self, seed):
+        """Seed this process (seed + rank) and the batch generator (seed, the same in all)."""
+        self.seed = seed
+        seed_process(seed, self.processes.rank)
+        self.generator = batch_generator(seed, self.processes.device)
+
+    def next_epoch(self):
+        self.epoch += 1
+        self.step_in_epoch = 0
+
+    def state_dict(self):
+        """The state of every process (each process must call this: it gathers their RNGs)."""
+        rngs = gather(rng_states(self.processes.device, self.generator), self.processes)
+        return {
+            "format": STATE_FORMAT,
+            "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "step": self.step,
+            "skipped_steps": self.skipped_steps,
+            "seed": self.seed, "world_size": self.processes.world_size, "batch_size": self.batch_size,
+            "model": self.model.state_dict(),
+            "ema": self.ema.state_dict() if self.ema else None,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": rngs,
+        }
+
+    def load_state_dict(self, state):
+        """Continue from `state` exactly (the same processes and batch_size), or as closely as
+        the processes and batch_size allow, saying so."""
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self._load_ema(state["ema"])
+        self.epoch, self.step_in_epoch, self.step = state["epoch"], state["step_in_epoch"], state["step"]
+        self.skipped_steps = state["skipped_steps"]
+        self.seed_with(state["seed"])
+        same_processes = state["world_size"] == self.processes.world_size
+        if same_processes:
+            restore_rng_states(state["rng"][self.processes.rank], self.processes.device, self.generator)
+        if not same_processes or state["batch_size"] != self.batch_size:
+            self.step_in_epoch = state["step_in_epoch"] * state["batch_size"] * state["world_size"] \
+                // (self.batch_size * self.processes.world_size)
+            note(self.processes, f"the run was saved with {state['world_size']} process(es) of batch "
+                 f"{state['batch_size']}, now {self.processes.world_size} of {self.batch_size}: it "
+                 f"continues from the same image of the epoch, but not to the identical result")
+
+    def _load_ema(self, saved_ema):
+        if self.ema and saved_ema:
+            self.ema.load_state_dict(saved_ema)
+        elif self.ema:
+            note(self.processes, "the saved state has no EMA weights: the EMA starts from the "
+                                 "weights of the next step")
+        elif saved_ema:
+            note(self.processes, "ema_decay is 0: the saved EMA weights are dropped")
+
+    def save(self, folder):
+        """Write training_state.pt atomically (rank 0); every process must call this."""
+        state = self.state_dict()
+        if self.processes.is_main:
+            save_atomically(state, os.path.join(folder, TRAINING_STATE))
+
+
+def note(processes, message):
+    if processes.is_main:
+        tqdm.write(message)
+
+
+def checkpoint_dir_key(config):
+    """The config key of the checkpoint folder: save_dir (MainCondition.py) or save_weight_dir."""
+    return "save_dir" if "save_dir" in config else "save_weight_dir"
+
+
+def start(state, config, folder):
+    """Begin a new run, or continue the one config["training_load_weight"] names."""
+    name = config["training_load_weight"]
+    if name is None:
+        begin_new_run(state, config, folder)
+    else:
+        continue_run(state, config, folder, name)
+
+
+def begin_new_run(state, config, folder):
+    """A new run into `folder`, which must hold no run yet (or config["overwrite"])."""
+    # Every process looks at the folder before any of them can change it (common_seed waits
+    # for all of them).
+    existing, leftovers = describe_run(folder), run_files(folder)
+    if existing and not config["overwrite"]:
+        key = checkpoint_dir_key(config)
+        raise ConfigError(
+            f"{folder!r} already holds a run ({existing}), and a new run would overwrite it: "
+            f"continue it with --training_load_weight last, write the new run to another folder "
+            f"with --{key} FOLDER, or start over in this one with --overwrite true (which "
+            f"deletes the old run's checkpoints).")
+    state.seed_with(common_seed(config["seed"], state.processes))
+    if leftovers:  # the old run (overwrite), or the log of a run that never saved
+        clear_run(folder, state.processes)
+
+
+def continue_run(state, config, folder, name):
+    """Continue from `name` in `folder`: "last" (the training state, else the newest readable
+    snapshot; an unreadable file is reported by name and the next one tried), training_state.pt,
+    or a snapshot ckpt_{epoch}_.pt (its full training state when training_state.pt is from the
+    end of that epoch, else its weights alone: a new optimizer, the schedule at the next epoch)."""
+    for candidate in candidates(folder, name):
+        try:
+            saved = safe_load(os.path.join(folder, candidate), "cpu")
+        except ConfigError as unreadable:
+            if name != "last":
+                raise
+            note(state.processes, f"warning: {unreadable} Trying the next newest file.")
+            continue
+        if is_training_state(saved):
+            state.load_state_dict(saved)
+            note(state.processes, f"continuing from {candidate}: epoch {state.epoch}, step "
+                                  f"{state.step_in_epoch} of it ({state.step} steps in all)")
+        else:
+            continue_from_weights(state, config, saved, os.path.join(folder, candidate))
+        return
+    raise ConfigError(f"training_load_weight is {name!r} but {folder!r} holds nothing readable to "
+                      f"continue from: set it to None to start a new run.")
+
+
+def candidates(folder, name):
+    """The files to try for training_load_weight `name`, best first."""
+    state_path = os.path.join(folder, TRAINING_STATE)
+    if name == "last":
+        present = [TRAINING_STATE] if os.path.isfile(state_path) else []
+        return present + list(reversed(list_checkpoints(folder)))
+    epoch = epoch_of(name)
+    if epoch is not None and os.path.isfile(state_path) and state_ends_epoch(state_path, epoch):
+        return [TRAINING_STATE]
+    return [name]
+
+
+def state_ends_epoch(path, epoch):
+    """Whether the training state at `path` was saved at the end of `epoch`."""
+    try:
+        saved = safe_load(path, "cpu")
+    except ConfigError:
+        return False
+    return is_training_state(saved) and saved["epoch"] == epoch + 1 and saved["step_in_epoch"] == 0
+
+
+def is_training_state(saved):
+    return isinstance(saved, dict) and saved.get("format") == STATE_FORMAT
+
+
+def continue_from_weights(state, config, state_dict, path):
+    """Continue from a plain state_dict (a snapshot, or the original's checkpoint): its weights,
+    a new optimizer, the EMA from them, the LR schedule moved to the epoch after its own."""
+    if not isinstance(state_dict, dict) or not all(hasattr(v, "shape") for v in state_dict.values()):
+        raise ConfigError(f"{path!r} is neither a training state nor a plain state_dict.")
+    load_into(state.model, state_dict, path, config)
+    epoch = epoch_of(os.path.basename(path))
+    state.epoch = 0 if epoch is None else epoch + 1
+    state.scheduler.fast_forward(state.epoch)
+    # New random numbers for the epochs to come: a fixed seed must not replay epoch 0's.
+    state.seed_with(common_seed(config["seed"], state.processes) + state.epoch)
+    note(state.processes, f"continuing from the weights of {os.path.basename(path)} at epoch "
+                          f"{state.epoch}, with a new optimizer state; it has no EMA weights, so "
+                          f"the EMA starts from these weights (only {TRAINING_STATE} continues "
+                          f"a run exactly)")
