@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 import torch
 
+from Diffusion.ConfigChecks import finite_numbers, image_names, writable_folders
 from Diffusion.Model import DOWNSAMPLE_PADDINGS
 
 
@@ -157,9 +158,24 @@ MEANINGS = {
 }
 
 
+# Keys one script lacks on purpose, and why (said instead of "unknown config key").
+WHY_ABSENT = {
+    "attn": "the class-conditional model's attention is fixed (self-attention after every "
+            "down-path block, as the original); leave it out",
+}
+
+
 def _closest_key(key, known):
     matches = difflib.get_close_matches(key, known, n=1)
     return f" Did you mean '{matches[0]}'?" if matches else ""
+
+
+def unknown_key_message(key, shown, defaults, where_keys_are_listed):
+    """Why `key` (written `shown`: --key on the command line) is refused by a script whose keys
+    are `defaults`."""
+    if key in WHY_ABSENT:
+        return f"config key '{shown}' does not apply here: {WHY_ABSENT[key]}."
+    return f"unknown config key '{shown}'.{_closest_key(key, defaults)} {where_keys_are_listed}"
 
 
 def check_config(config, defaults):
@@ -167,8 +183,8 @@ def check_config(config, defaults):
     of the right kind and consistent with the others. Raises ConfigError."""
     for key in config:
         if key not in defaults:
-            raise ConfigError(f"unknown config key '{key}'.{_closest_key(key, defaults)} "
-                              f"Known keys: {', '.join(defaults)}.")
+            raise ConfigError(unknown_key_message(key, key, defaults,
+                                                  f"Known keys: {', '.join(defaults)}."))
     config = {**defaults, **config}
     for key, value in config.items():
         if not KINDS[key].accepts(value):
@@ -243,7 +259,8 @@ def _labels(config):
         return f"labels must list class indices (0, 1, ...), not {config['labels']}."
 
 
-CHECKS = [_counts, _channels, _attn_levels, _image_size, _schedule, _device, _labels]
+CHECKS = [finite_numbers, _counts, _channels, _attn_levels, _image_size, _schedule, _device, _labels,
+          image_names, writable_folders]
 
 
 def _argument_type(key):
@@ -284,8 +301,7 @@ def parse_command_line(defaults, argv=None, description=None):
     if unknown:
         option = next((u for u in unknown if u.startswith("-")), unknown[0])
         key = option.lstrip("-").split("=")[0]
-        parser.error(f"unknown config key '{option}'.{_closest_key(key, defaults)} "
-                     f"See --help for every key.")
+        parser.error(unknown_key_message(key, option, defaults, "See --help for every key."))
     overrides = vars(args)
     config_file = overrides.pop("config")
     try:

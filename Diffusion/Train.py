@@ -18,12 +18,14 @@ from Diffusion.Checkpoint import (
     epoch_of,
     list_checkpoints,
     load_weights,
+    safe_load,
     save_atomically,
 )
 from Diffusion.Config import ConfigError
 from Diffusion.Data import training_dataset, training_loader
 from Diffusion.Diffusion import GaussianDiffusionSampler, GaussianDiffusionTrainer
 from Diffusion.Model import UNet
+from Diffusion.ScheduleCheck import warn_if_x_T_keeps_the_image
 from Scheduler import GradualWarmupScheduler
 
 PROGRESS_EVERY = 10  # batches between progress-bar updates (each one waits for the device)
@@ -48,6 +50,7 @@ def original_loss(trainer, x_0, labels):
 
 
 def train(modelConfig):
+    warn_if_x_T_keeps_the_image(modelConfig)
     seed_everything(modelConfig["seed"])
     model = unet_of(modelConfig)
     fit(modelConfig, model, training_dataset(modelConfig), modelConfig["save_weight_dir"],
@@ -117,8 +120,7 @@ def resume(config, model, optimizer, scheduler, folder, device):
         name = present[-1]
     load_weights(model, folder, name, config, device)
     state_path = os.path.join(folder, TRAINING_STATE)
-    state = torch.load(state_path, map_location=device, weights_only=True) \
-        if os.path.isfile(state_path) else {}
+    state = safe_load(state_path, device) if os.path.isfile(state_path) else {}
     optimizer_saved_with_it = state.get("checkpoint") == name
     if optimizer_saved_with_it:
         optimizer.load_state_dict(state["optimizer"])
@@ -149,6 +151,7 @@ def save_grid(images, folder, name, nrow):
 def eval(modelConfig):
     """Sample batch_size images from test_load_weight; save the noise and the samples."""
     config = modelConfig
+    warn_if_x_T_keeps_the_image(config)
     device = torch.device(config["device"])
     seed_everything(config["seed"])
     model = unet_of(config)

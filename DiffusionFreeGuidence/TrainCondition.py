@@ -11,9 +11,10 @@ import torch
 from torchvision.utils import make_grid
 from tqdm import tqdm
 
-from Diffusion.Checkpoint import load_into, num_labels_of, read_state_dict
+from Diffusion.Checkpoint import class_names, load_into, num_labels_of, read_state_dict, write_run_info
 from Diffusion.Config import ConfigError
 from Diffusion.Data import training_dataset
+from Diffusion.ScheduleCheck import warn_if_x_T_keeps_the_image
 from Diffusion.Train import fit, save_grid, seed_everything, starting_noise
 from DiffusionFreeGuidence.DiffusionCondition import GaussianDiffusionSampler
 from DiffusionFreeGuidence.ModelCondition import UNet
@@ -40,9 +41,11 @@ def guided_loss(trainer, x_0, labels, p_uncond):
 
 
 def train(modelConfig):
+    warn_if_x_T_keeps_the_image(modelConfig)
     seed_everything(modelConfig["seed"])
     dataset = training_dataset(modelConfig, labelled=True)
     model = unet_of(modelConfig, num_labels=len(dataset.classes))
+    write_run_info(modelConfig["save_dir"], classes=list(dataset.classes))  # named rows at eval
     fit(modelConfig, model, dataset, modelConfig["save_dir"],
         partial(guided_loss, p_uncond=modelConfig["p_uncond"]))
 
@@ -65,6 +68,7 @@ def eval(modelConfig):
     test_load_weight; with a list of guidance weights w, one grid per w, side by side, from
     the same noise."""
     config = modelConfig
+    warn_if_x_T_keeps_the_image(config)
     device = torch.device(config["device"])
     seed_everything(config["seed"])
     state_dict = read_state_dict(config["save_dir"], config["test_load_weight"], device)
@@ -89,4 +93,6 @@ def eval(modelConfig):
                                            w=w, clip_denoised=config["clip_denoised"]).to(device)
         grids.append(make_grid(sampler(x_T, labels), nrow=per_class, pad_value=-1.))
     save_grid(torch.stack(grids), config["sampled_dir"], config["sampledImgName"], len(grids))
-    tqdm.write(f"rows: classes {classes}; grids left to right: w = {', '.join(map(str, weights))}")
+    names = class_names(config["save_dir"], num_labels, config["dataset"])
+    tqdm.write(f"rows: {', '.join(names[c] for c in classes)} (classes {classes}); grids left to "
+               f"right: w = {', '.join(map(str, weights))}")
