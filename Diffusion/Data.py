@@ -186,19 +186,23 @@ def torchvision_dataset(name, data_root, transform):
     except (OSError, RuntimeError) as error:
         if new_folder:  # made by this failed download: leave no empty folder behind
             remove_empty_folders(new_folder)
+        # torchvision checks no checksum on the MNIST family's files once they are uncompressed;
+        # a copy compressed again (Debian's dataset-fashion-mnist) has another checksum.
+        uncompressed = (" (or uncompressed: gunzip them there, which torchvision reads without "
+                        "a checksum)") if is_mnist_family(dataset_class) else ""
         corrupt = [path for path, md5 in downloaded_files(dataset_class, folder)
                    if md5 and os.path.isfile(path) and not check_integrity(path, md5)]
         if corrupt:
             raise ConfigError(f"{os.path.abspath(corrupt[0])} is corrupt or incomplete (its MD5 "
                               f"checksum is not the one torchvision expects): delete it, then run "
                               f"again online to download it afresh, or put an intact copy "
-                              f"there.") from None
+                              f"there{uncompressed}.") from None
         # The last line says why: torchvision's MNIST lists each mirror it tried above it.
         reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
         raise ConfigError(f"could not load or download {name} ({reason}): on a machine that "
                           f"is online, download {download_hint(dataset_class)}, and put "
-                          f"it in {os.path.abspath(folder)}; or set dataset to a folder of "
-                          f"images.") from None
+                          f"it in {os.path.abspath(folder)}{uncompressed}; or set dataset to a "
+                          f"folder of images.") from None
 
 
 def training_dataset(config, labelled=False):

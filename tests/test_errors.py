@@ -2,6 +2,7 @@
 x_T, numbers that are not finite, image names PIL cannot write, folders that cannot be written,
 saves that fail, unreadable data, checkpoints that do not fit or are no weights files; and the
 class names eval prints."""
+import gzip
 import math
 import os
 import pickle
@@ -280,8 +281,19 @@ def test_unreachable_fashion_mnist_download_names_data_root_fashionmnist_raw(tin
     monkeypatch.setattr(torchvision.datasets.FashionMNIST, "mirrors", ["http://127.0.0.1:9/"])
     with pytest.raises(ConfigError) as error:
         training_dataset({**tiny_config, "dataset": "FashionMNIST", "data_root": str(tmp_path)})
-    assert f"put it in {tmp_path / 'FashionMNIST' / 'raw'};" in str(error.value)
+    assert f"put it in {tmp_path / 'FashionMNIST' / 'raw'} (or uncompressed" in str(error.value)
     assert not (tmp_path / "FashionMNIST").exists()
+
+
+def test_a_recompressed_fashion_mnist_file_is_named_with_the_way_to_use_it(tiny_config, tmp_path,
+                                                                           monkeypatch):
+    monkeypatch.setattr(torchvision.datasets.FashionMNIST, "mirrors", ["http://127.0.0.1:9/"])
+    archive = tmp_path / "FashionMNIST" / "raw" / "train-images-idx3-ubyte.gz"
+    archive.parent.mkdir(parents=True)
+    archive.write_bytes(gzip.compress(b"the same images, compressed again"))
+    with pytest.raises(ConfigError) as error:
+        training_dataset({**tiny_config, "dataset": "FashionMNIST", "data_root": str(tmp_path)})
+    assert str(archive) in str(error.value) and "gunzip them there" in str(error.value)
 
 
 # --- checkpoints ---------------------------------------------------------------------------
