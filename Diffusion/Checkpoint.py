@@ -1,17 +1,22 @@
 """Checkpoints: `ckpt_{epoch}_.pt` holds a plain state_dict, the original's format, so that its
 published checkpoints and ours are interchangeable. `training_state.pt` beside them holds what
 continuing a run needs besides the weights: the optimizer's state, and which checkpoint it goes with.
+`run.json` holds what eval needs to know about the run besides the weights (the class names).
 
-Files are written to a temporary name and renamed, so an interrupted save never leaves a
-truncated checkpoint; everything is read with `weights_only=True`, which runs no code.
+Files are written to a temporary name and renamed, so an interrupted or failed save never
+leaves a truncated file; every .pt file is read by `safe_load` (`weights_only=True`), which
+runs no code from the file.
 """
 import json
 import os
 import re
+import shutil
+import warnings
 
 import torch
 
 from Diffusion.Config import ConfigError
+from Diffusion.Data import CIFAR10_CLASSES
 
 TRAINING_STATE = "training_state.pt"
 RUN_INFO = "run.json"
@@ -30,36 +35,84 @@ def epoch_of(name):
     return int(match.group(1)) if match else None
 
 
-def save_atomically(obj, path):
-    """torch.save to `path` through a temporary file, so `path` is never half written."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+def _write_failure(error):
+    """Why a write failed, in a few words; torch.save's own words name only its source line."""
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror  # "No space left on device", "File too large", ...
+    text = str(error).strip()
+    if "strerror:" in text:  # torch: "[enforce fail at ...] . open file failed with strerror: ..."
+        return text.split("strerror:")[-1].strip()
+    if "enforce fail" in text:  # torch: "[enforce fail at inline_container.cc:672] . unexpected pos"
+        return "the write stopped partway"
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _free_space(folder):
+    try:
+        return f"{shutil.disk_usage(folder).free / 2 ** 20:.0f} MB free on its disk"
+    except OSError:
+        return "its folder cannot be reached"
+
+
+def _write_atomically(write, path):
+    """write(temporary path), then rename it to `path`, so `path` is never half written. A write
+    that fails (a full disk, a folder that went away) raises a ConfigError naming the file."""
+    folder = os.path.dirname(path) or "."
     temporary = f"{path}.tmp"
     try:
-        torch.save(obj, temporary)
+        os.makedirs(folder, exist_ok=True)
+        write(temporary)
         os.replace(temporary, path)
+    except (OSError, RuntimeError) as error:  # torch.save reports a failed write as RuntimeError
+        raise ConfigError(f"could not write {path!r} ({_write_failure(error)}; "
+                          f"{_free_space(folder)}); the file there before, if any, and the rest of "
+                          f"the folder are intact: free some space, or choose another folder.") from None
     finally:
-        if os.path.exists(temporary):
+        if os.path.isfile(temporary):
             os.remove(temporary)
 
 
+def save_atomically(obj, path):
+    """torch.save to `path` through a temporary file, flushed to the disk before it is renamed,
+    so `path` is never half written, even by a crash of the machine."""
+    def write(temporary):
+        with open(temporary, "wb") as file:
+            torch.save(obj, file)
+            file.flush()
+            os.fsync(file.fileno())
+    _write_atomically(write, path)
+
+
 def write_run_info(folder, **entries):
-    """Merge `entries` into folder/run.json, what eval needs to know of the run."""
+    """Merge `entries` (JSON values, e.g. classes=[names]) into folder/run.json, atomically."""
     info = {**read_run_info(folder), **entries}
-    os.makedirs(folder, exist_ok=True)
-    temporary = os.path.join(folder, f"{RUN_INFO}.tmp")
-    with open(temporary, "w") as file:
-        json.dump(info, file, indent=1)
-    os.replace(temporary, os.path.join(folder, RUN_INFO))
+
+    def write(temporary):
+        with open(temporary, "w") as file:
+            json.dump(info, file, indent=1)
+    _write_atomically(write, os.path.join(folder, RUN_INFO))
 
 
 def read_run_info(folder):
-    """folder/run.json as a dict; {} when there is none or it cannot be read."""
+    """The entries of folder/run.json; {} when it is absent or unreadable."""
     try:
         with open(os.path.join(folder, RUN_INFO)) as file:
             info = json.load(file)
     except (OSError, ValueError):
         return {}
     return info if isinstance(info, dict) else {}
+
+
+def class_names(folder, num_labels, dataset):
+    """The names of a conditional checkpoint's `num_labels` classes: those its run wrote to
+    run.json; for a checkpoint without them (the original's), CIFAR-10's names when it has 10
+    classes and `dataset` is CIFAR10; else the class indices as text."""
+    names = read_run_info(folder).get("classes")
+    if isinstance(names, list) and len(names) == num_labels:
+        return [str(name) for name in names]
+    if num_labels == len(CIFAR10_CLASSES) and dataset == "CIFAR10":
+        return list(CIFAR10_CLASSES)
+    return [str(index) for index in range(num_labels)]
 
 
 def list_checkpoints(folder):
@@ -69,27 +122,47 @@ def list_checkpoints(folder):
     return sorted((name for name in os.listdir(folder) if epoch_of(name) is not None), key=epoch_of)
 
 
-def _load_failure(error):
-    """Why torch.load(weights_only=True) failed, in one line."""
-    if "Unsupported global" in str(error):  # the file pickles objects, not only tensors
-        return ("it holds pickled Python objects besides tensors (a whole saved model?), which "
-                "cannot be loaded without running code from it; save its state_dict() instead")
-    first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
-    return f"it is not a torch weights file, or it is truncated ({type(error).__name__}: {first_line})"
+# torch's words for a pickled global it refuses: "Trying to load unsupported GLOBAL posix.system
+# whose module posix is blocked" (torch 2.14) and "Unsupported global: GLOBAL x.Y was not an
+# allowed global" (since 2.4).
+_REFUSED_GLOBAL = re.compile(r"unsupported (?:global: )?GLOBAL ([\w.]+)", re.IGNORECASE)
+
+
+def load_failure(error):
+    """Why torch.load(weights_only=True) failed, in one line. torch's own message is not passed
+    on: it advises retrying with weights_only=False, which would run any code in the file."""
+    text = str(error)
+    refused = _REFUSED_GLOBAL.search(text)
+    if refused and "is blocked" in text:
+        return (f"it asks to call {refused.group(1)} when loaded, which could run any code (a "
+                f"malicious or foreign file?); it is refused: do not load it another way")
+    if refused:
+        return (f"it pickles {refused.group(1)} objects besides tensors (a whole saved model?), "
+                f"which cannot be loaded without running code from it; save its state_dict() instead")
+    if isinstance(error, OSError):
+        return error.strerror or type(error).__name__
+    if isinstance(error, EOFError):
+        return "it is empty"
+    if "Weights only load failed" in text:
+        return "it is not a torch weights file (its pickle holds more than tensors and plain values)"
+    return "it is not a torch weights file, or it is truncated or corrupt"
 
 
 def safe_load(path, device):
-    """What torch.save wrote to `path`, read with weights_only=True (no code from the file
-    runs); a file that cannot be read raises a ConfigError saying why."""
+    """torch.load(path, weights_only=True) onto `device`: tensors and plain values only, no code
+    from the file is run. A file that cannot be read so raises a ConfigError naming it."""
+    path = os.fspath(path)
     try:
-        return torch.load(path, map_location=device, weights_only=True)
+        with warnings.catch_warnings():  # a plain pickle gets a warning about its protocol
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            return torch.load(path, map_location=device, weights_only=True)
     except Exception as error:
-        raise ConfigError(f"{path!r} cannot be read: {_load_failure(error)}.") from None
+        raise ConfigError(f"{path!r} cannot be read: {load_failure(error)}.") from None
 
 
 def load_tensors(path, device):
-    """The name -> tensor dict that torch.save wrote to `path`, read with weights_only=True;
-    anything else raises a ConfigError saying why."""
+    """The name -> tensor dict that torch.save wrote to `path`, read by safe_load; anything
+    else raises a ConfigError saying why."""
     tensors = safe_load(path, device)
     if not isinstance(tensors, dict) or not all(torch.is_tensor(value) for value in tensors.values()):
         raise ConfigError(f"{path!r} does not hold a plain state_dict (name -> tensor), as "
@@ -158,6 +231,12 @@ def describe_mismatch(state_dict, model, config):
         found = unet_config_of(state_dict)
     except KeyError as missing:
         return f"it is not a checkpoint of this repo's UNet (it has no {missing})"
+    wanted_labels = num_labels_of(model.state_dict())
+    if has_class_embedding and found["num_labels"] != wanted_labels:
+        return (f"it was trained on {found['num_labels']} classes, but dataset "
+                f"{config['dataset']!r} has {wanted_labels}: continue on a dataset of the same "
+                f"{found['num_labels']} classes, or start a new run (training_load_weight None) "
+                f"in another folder")
     differing = [f"{key} {found[key]} (config: {config[key]})" for key in found
                  if key in config and found[key] != _as_list(config[key])]
     if differing:

@@ -4,18 +4,27 @@ Every image becomes RGB, is fitted to img_size (resized, centre-cropped) and sca
 training then flips it left-right at random (Randomness.flip_left_right_at_random, on the device,
 so that a continued run sees the same flips). For CIFAR-10 at 32x32 this is the original's
 pipeline.
+An image file of a folder that PIL cannot read is skipped with a warning naming it.
 """
 import difflib
 import os
+import sys
 
 import torch
 import torchvision
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.datasets.folder import IMG_EXTENSIONS, ImageFolder, default_loader
+from torchvision.datasets.utils import check_integrity
 from torchvision.transforms import v2 as transforms
+from tqdm import tqdm
 
 from Diffusion.Config import ConfigError
 from Diffusion.Interrupt import ignore_ctrl_c
+
+# torchvision reads CIFAR-10's class names from the dataset's files; eval needs them without.
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+UNREADABLE_IMAGE_ERRORS = (OSError, SyntaxError, Image.DecompressionBombError)
 
 
 def training_transform(img_size):
@@ -28,6 +37,29 @@ def training_transform(img_size):
         transforms.ToDtype(torch.float32, scale=True),
         transforms.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
     ])
+
+
+_skipped_files = set()  # the unreadable images this process has warned about
+
+
+def load_readable(paths, index):
+    """(i, PIL image) of the first of paths[index], paths[index + 1], ... (wrapping around)
+    that PIL can read. Each unreadable file (truncated, not an image) is named once per process
+    (once per data-loading worker) in a warning, so that a bad file among thousands neither
+    stops an epoch midway nor goes unnoticed."""
+    for offset in range(len(paths)):
+        i = (index + offset) % len(paths)
+        try:
+            return i, default_loader(paths[i])
+        except UNREADABLE_IMAGE_ERRORS as error:
+            if paths[i] not in _skipped_files:
+                _skipped_files.add(paths[i])
+                why = "not an image PIL knows" if isinstance(error, UnidentifiedImageError) else error
+                tqdm.write(f"warning: skipping {paths[i]!r}, which cannot be read as an image "
+                           f"({why}); the next image takes its place ({len(_skipped_files)} "
+                           f"skipped so far): delete or replace the file.", file=sys.stderr)
+    raise ConfigError(f"none of the {len(paths)} image files of the dataset can be read: "
+                      f"check the dataset folder.")
 
 
 class ImageFiles(Dataset):
@@ -44,7 +76,21 @@ class ImageFiles(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index):
-        return self.transform(default_loader(self.paths[index])), 0
+        _, image = load_readable(self.paths, index)
+        return self.transform(image), 0
+
+
+class ClassFolders(ImageFolder):
+    """torchvision's ImageFolder (one subfolder per class, in sorted order) that skips an
+    unreadable image as ImageFiles does: the image and label of the next readable one instead."""
+
+    def __init__(self, root, transform):
+        super().__init__(root, transform)
+        self.paths = [path for path, _ in self.samples]
+
+    def __getitem__(self, index):
+        index, image = load_readable(self.paths, index)
+        return self.transform(image), self.targets[index]
 
 
 def is_torchvision_dataset(name):
@@ -68,26 +114,71 @@ def image_folder(path, transform, labelled):
     if not labelled:
         return ImageFiles(path, transform)
     try:
-        return ImageFolder(path, transform)
+        return ClassFolders(path, transform)
     except FileNotFoundError as error:
         raise ConfigError(f"the class-conditional model needs one subfolder of images per class "
                           f"in {path!r}: {error}") from None
 
 
-def download_hint(dataset_class, root):
-    """Which files torchvision's `dataset_class` downloads, from where, and the folder it reads."""
-    if hasattr(dataset_class, "url"):  # CIFAR10, CIFAR100, ...
-        return f"{dataset_class.filename} from {dataset_class.url}", root
+def is_mnist_family(dataset_class):
+    """MNIST, FashionMNIST, KMNIST, EMNIST, QMNIST: they read root/<class name>/raw."""
+    return issubclass(dataset_class, torchvision.datasets.MNIST)
+
+
+def dataset_folders(dataset_class, data_root):
+    """(root given to torchvision, the folder it downloads to and reads). The MNIST family
+    makes data_root/<class name>/raw itself, so it gets data_root (Fashion-MNIST's four files
+    go in data_root/FashionMNIST/raw); the others (CIFAR10, ...) get data_root/<class name>,
+    as the original."""
+    name = dataset_class.__name__
+    if is_mnist_family(dataset_class):
+        return data_root, os.path.join(data_root, name, "raw")
+    root = os.path.join(data_root, name)
+    return root, root
+
+
+def downloaded_files(dataset_class, folder):
+    """[(path, md5)] of the files torchvision downloads for `dataset_class` into `folder`."""
+    if is_mnist_family(dataset_class) or not hasattr(dataset_class, "filename"):
+        return [(os.path.join(folder, name), md5) for name, md5 in getattr(dataset_class, "resources", [])]
+    return [(os.path.join(folder, dataset_class.filename), getattr(dataset_class, "tgz_md5", None))]
+
+
+def download_hint(dataset_class):
+    """Which files torchvision's `dataset_class` downloads, and from where."""
+    if hasattr(dataset_class, "url") and not is_mnist_family(dataset_class):  # CIFAR10, CIFAR100, ...
+        return f"{dataset_class.filename} from {dataset_class.url}"
     files = ", ".join(name for name, _ in getattr(dataset_class, "resources", []))
     mirror = getattr(dataset_class, "mirrors", ["its download page"])[0]
-    # MNIST and its relatives read root/<class name>/raw
-    return f"{files} from {mirror}", os.path.join(root, dataset_class.__name__, "raw")
+    return f"{files} from {mirror}"
 
 
-def torchvision_dataset(name, root, transform):
-    """torchvision.datasets.<name>(root=data_root/name, train=True, transform, download=True)."""
+def outermost_missing_folder(path):
+    """The outermost folder on the way to `path` that does not exist yet; None if path exists."""
+    path = os.path.abspath(path)
+    if os.path.exists(path):
+        return None
+    while not os.path.exists(os.path.dirname(path)):
+        path = os.path.dirname(path)
+    return path
+
+
+def remove_empty_folders(folder):
+    """Remove `folder` and the folders under it, deepest first, as long as they hold no file."""
+    for path, _, _ in os.walk(folder, topdown=False):
+        try:
+            os.rmdir(path)
+        except OSError:  # not empty: a partial download stays, for the next run to name
+            pass
+
+
+def torchvision_dataset(name, data_root, transform):
+    """torchvision.datasets.<name>(root, train=True, transform, download=True), root as
+    dataset_folders says. A failed download names the files to fetch and where they go, and
+    leaves no empty folder behind; a file in place with the wrong checksum is named as corrupt."""
     dataset_class = getattr(torchvision.datasets, name)
-    root = os.path.join(root, name)
+    root, folder = dataset_folders(dataset_class, data_root)
+    new_folder = outermost_missing_folder(os.path.join(data_root, name))
     try:
         return dataset_class(root=root, train=True, transform=transform, download=True)
     except TypeError as error:
@@ -95,10 +186,25 @@ def torchvision_dataset(name, root, transform):
                           f"download) form this repo uses ({error}): use a folder of images "
                           f"instead.") from None
     except (OSError, RuntimeError) as error:
-        files, folder = download_hint(dataset_class, root)
-        raise ConfigError(f"could not load or download {name} ({error}). On a machine that is "
-                          f"online, download {files}, and put it in {os.path.abspath(folder)}; "
-                          f"or set dataset to a folder of images.") from None
+        if new_folder:  # made by this failed download: leave no empty folder behind
+            remove_empty_folders(new_folder)
+        # torchvision checks no checksum on the MNIST family's files once they are uncompressed;
+        # a copy compressed again (Debian's dataset-fashion-mnist) has another checksum.
+        uncompressed = (" (or uncompressed: gunzip them there, which torchvision reads without "
+                        "a checksum)") if is_mnist_family(dataset_class) else ""
+        corrupt = [path for path, md5 in downloaded_files(dataset_class, folder)
+                   if md5 and os.path.isfile(path) and not check_integrity(path, md5)]
+        if corrupt:
+            raise ConfigError(f"{os.path.abspath(corrupt[0])} is corrupt or incomplete (its MD5 "
+                              f"checksum is not the one torchvision expects): delete it, then run "
+                              f"again online to download it afresh, or put an intact copy "
+                              f"there{uncompressed}.") from None
+        # The last line says why: torchvision's MNIST lists each mirror it tried above it.
+        reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+        raise ConfigError(f"could not load or download {name} ({reason}): on a machine that "
+                          f"is online, download {download_hint(dataset_class)}, and put "
+                          f"it in {os.path.abspath(folder)}{uncompressed}; or set dataset to a "
+                          f"folder of images.") from None
 
 
 def training_dataset(config, labelled=False):

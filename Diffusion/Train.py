@@ -25,7 +25,6 @@ from Diffusion.Distributed import (
     any_process,
     assert_identical_weights,
     for_training,
-    sum_over_processes,
     training_processes,
 )
 from Diffusion.EMA import EMA
@@ -35,6 +34,7 @@ from Diffusion.Randomness import GlobalBatch, flip_left_right_at_random
 from Diffusion.RunFolder import disk_plan, is_snapshot_epoch, megabytes, save_snapshot
 from Diffusion.RunLog import Progress, RunLog
 from Diffusion.Speed import adamw, autocast, compiled, grad_scaler, memory_format_of, place
+from Diffusion.ScheduleCheck import warn_if_x_T_keeps_the_image
 from Diffusion.TrainingState import TrainingState, checkpoint_dir_key, start
 from Scheduler import GradualWarmupScheduler
 
@@ -60,6 +60,7 @@ def original_loss(trainer, x_0, labels, batch):
 
 
 def train(modelConfig):
+    warn_if_x_T_keeps_the_image(modelConfig)
     seed_everything(modelConfig["seed"])  # the initial weights
     model = unet_of(modelConfig)
     fit(modelConfig, model, training_dataset(modelConfig), modelConfig["save_weight_dir"],
@@ -231,6 +232,7 @@ def save_grid(images, folder, name, nrow):
 def eval(modelConfig):
     """Sample batch_size images from test_load_weight; save the noise and the samples."""
     config = modelConfig
+    warn_if_x_T_keeps_the_image(config)
     device = torch.device(config["device"])
     seed_everything(config["seed"])
     model = unet_of(config)

@@ -11,10 +11,11 @@ import torch
 from torchvision.utils import make_grid
 from tqdm import tqdm
 
-from Diffusion.Checkpoint import load_into, num_labels_of, read_state_dict
+from Diffusion.Checkpoint import class_names, load_into, num_labels_of, read_state_dict
 from Diffusion.Config import ConfigError
 from Diffusion.Data import training_dataset
 from Diffusion.Diffusion import SINGLE_PROCESS
+from Diffusion.ScheduleCheck import warn_if_x_T_keeps_the_image
 from Diffusion.Train import fit, save_grid, seed_everything, starting_noise
 from DiffusionFreeGuidence.DiffusionCondition import GaussianDiffusionSampler
 from DiffusionFreeGuidence.ModelCondition import UNet
@@ -45,6 +46,7 @@ def guided_loss(trainer, x_0, labels, batch, p_uncond, label_dropout):
 
 
 def train(modelConfig):
+    warn_if_x_T_keeps_the_image(modelConfig)
     seed_everything(modelConfig["seed"])  # the initial weights
     dataset = training_dataset(modelConfig, labelled=True)
     model = unet_of(modelConfig, num_labels=len(dataset.classes))
@@ -87,6 +89,7 @@ def eval(modelConfig):
     test_load_weight; with a list of guidance weights w, one grid per w, side by side, from
     the same noise."""
     config = modelConfig
+    warn_if_x_T_keeps_the_image(config)
     device = torch.device(config["device"])
     seed_everything(config["seed"])
     state_dict = read_state_dict(config["save_dir"], config["test_load_weight"], device)
@@ -111,4 +114,6 @@ def eval(modelConfig):
                                            w=w, clip_denoised=config["clip_denoised"]).to(device)
         grids.append(make_grid(sampler(x_T, labels), nrow=per_class, pad_value=-1.))
     save_grid(torch.stack(grids), config["sampled_dir"], config["sampledImgName"], len(grids))
-    tqdm.write(f"rows: classes {classes}; grids left to right: w = {', '.join(map(str, weights))}")
+    names = class_names(config["save_dir"], num_labels, config["dataset"])
+    tqdm.write(f"rows: {', '.join(names[c] for c in classes)} (classes {classes}); grids left to "
+               f"right: w = {', '.join(map(str, weights))}")

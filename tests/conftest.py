@@ -85,11 +85,12 @@ def as_arguments(config):
     return arguments
 
 
-def run_script(script, *arguments, cwd=None):
-    """Run `python <script> arguments` from the repo as a user would; returns the process."""
+def run_script(script, *arguments, cwd=None, preexec_fn=None):
+    """Run `python <script> arguments` from the repo as a user would; returns the process.
+    preexec_fn runs in the child before the script (e.g. to set a resource limit)."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     return subprocess.run([sys.executable, str(REPO / script), *arguments], cwd=cwd or REPO,
-                          env=env, capture_output=True, text=True, timeout=600)
+                          env=env, capture_output=True, text=True, timeout=600, preexec_fn=preexec_fn)
 
 
 # One CPU thread, here and in the scripts run: the tiny models gain nothing from more, and on a
@@ -177,11 +178,10 @@ def odd_images(tmp_path):
     return root
 
 
-@pytest.fixture
-def mnist_root(tmp_path):
-    """A data_root holding a 10-image MNIST in torchvision's layout (MNIST/MNIST/raw/*-ubyte,
-    as torchvision.datasets.MNIST(root=data_root/"MNIST") reads it), so it loads offline."""
-    raw = tmp_path / "data" / "MNIST" / "MNIST" / "raw"
+def write_mnist_files(data_root, name="MNIST"):
+    """A 10-image dataset of the MNIST family in torchvision's layout,
+    data_root/<name>/raw/*-ubyte (as torchvision.datasets.<name>(root=data_root) reads it)."""
+    raw = data_root / name / "raw"
     raw.mkdir(parents=True)
     rng = np.random.default_rng(4)
     for split, count in (("train", 10), ("t10k", 2)):
@@ -189,7 +189,13 @@ def mnist_root(tmp_path):
         (raw / f"{split}-images-idx3-ubyte").write_bytes(struct.pack(">IIII", 2051, count, 28, 28) + images.tobytes())
         labels = np.arange(count, dtype=np.uint8) % 10
         (raw / f"{split}-labels-idx1-ubyte").write_bytes(struct.pack(">II", 2049, count) + labels.tobytes())
-    return tmp_path / "data"
+    return data_root
+
+
+@pytest.fixture
+def mnist_root(tmp_path):
+    """A data_root holding a 10-image MNIST in MNIST/raw, so that it loads offline."""
+    return write_mnist_files(tmp_path / "data")
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import Diffusion.Model
 import Diffusion.Train
 import MainCondition
 from conftest import as_arguments, grid_size, run_or_fail, run_script, write_images
-from Diffusion.Checkpoint import TRAINING_STATE
+from Diffusion.Checkpoint import RUN_INFO, TRAINING_STATE, read_run_info
 from Diffusion.Config import ConfigError
 from Diffusion.Data import training_dataset
 from DiffusionFreeGuidence import DiffusionCondition, ModelCondition, TrainCondition
@@ -105,7 +105,8 @@ def test_class_subfolders_are_labelled_in_sorted_order(class_folders):
 
 def test_training_run_writes_a_checkpoint_of_the_classes_in_save_dir(trained_conditional):
     folder = Path(trained_conditional["save_dir"])
-    assert sorted(p.name for p in folder.iterdir()) == ["ckpt_0_.pt", TRAINING_STATE]
+    assert sorted(p.name for p in folder.iterdir()) == ["ckpt_0_.pt", RUN_INFO, TRAINING_STATE]
+    assert read_run_info(folder)["classes"] == ["airplane", "bird", "cat"]
     state_dict = torch.load(folder / "ckpt_0_.pt", weights_only=True)
     assert state_dict["cond_embedding.condEmbedding.0.weight"].shape == (4, 32)  # 3 classes + null
     assert state_dict["time_embedding.timembedding.0.weight"].shape == (10, 32)

@@ -237,7 +237,7 @@ OTHER_ARCHITECTURES = {  # case: (model, how it is written, what the error says)
     "unknown keys": (lambda: nn.ModuleDict({"encoder": nn.Linear(2, 2)}), "state dict",
                      r"its keys include encoder\.bias"),
     "pickled code": (lambda: nn.Linear(2, 2), "pickled module",
-                     "pickled Python objects besides tensors"),
+                     r"pickles torch\.nn\.modules\.linear\.Linear objects besides tensors"),
 }
 
 

@@ -307,6 +307,7 @@ def test_unreachable_download_says_what_to_download_and_where(tiny_config, tmp_p
     message = str(error.value)
     assert "cifar-10-python.tar.gz" in message
     assert str(tmp_path / "CIFAR10") in message
+    assert not (tmp_path / "CIFAR10").exists()  # the failed download left no empty folder
 
 
 def test_unreachable_mnist_download_names_the_folder_mnist_reads(tiny_config, tmp_path, monkeypatch):
@@ -315,5 +316,5 @@ def test_unreachable_mnist_download_names_the_folder_mnist_reads(tiny_config, tm
         dataset_of(tiny_config, "MNIST", data_root=str(tmp_path))
     message = str(error.value)
     assert "train-images-idx3-ubyte.gz" in message
-    (raw,) = tmp_path.rglob("raw")  # the folder MNIST made to download into, and reads from
-    assert str(raw) in message
+    assert str(tmp_path / "MNIST" / "raw") in message  # the folder MNIST downloads to and reads
+    assert not (tmp_path / "MNIST").exists()  # the failed download left no empty folder
