@@ -16,7 +16,7 @@ from torch.optim.lr_scheduler import CosineAnnealingLR
 from torchvision.utils import save_image
 from tqdm import tqdm
 
-from Diffusion.Checkpoint import load_weights, write_run_info
+from Diffusion.Checkpoint import load_into, write_run_info
 from Diffusion.Config import ConfigError
 from Diffusion.Data import training_dataset, training_loader
 from Diffusion.Diffusion import GaussianDiffusionSampler, GaussianDiffusionTrainer
@@ -35,7 +35,7 @@ from Diffusion.RunFolder import disk_plan, is_snapshot_epoch, megabytes, save_sn
 from Diffusion.RunLog import Progress, RunLog
 from Diffusion.Speed import adamw, autocast, compiled, grad_scaler, memory_format_of, place
 from Diffusion.ScheduleCheck import warn_if_x_T_keeps_the_image
-from Diffusion.TrainingState import TrainingState, checkpoint_dir_key, start
+from Diffusion.TrainingState import TrainingState, checkpoint_dir_key, start, weights_to_sample
 from Scheduler import GradualWarmupScheduler
 
 MAX_NON_FINITE_IN_A_ROW = 50  # skipped steps in a row after which training is given up
@@ -236,7 +236,8 @@ def eval(modelConfig):
     device = torch.device(config["device"])
     seed_everything(config["seed"])
     model = unet_of(config)
-    load_weights(model, config["save_weight_dir"], config["test_load_weight"], config, device)
+    folder, name = config["save_weight_dir"], config["test_load_weight"]
+    load_into(model, weights_to_sample(folder, name, config, device), os.path.join(folder, name), config)
     model.to(device).eval()
     sampler = GaussianDiffusionSampler(model, config["beta_1"], config["beta_T"], config["T"],
                                        clip_denoised=config["clip_denoised"]).to(device)

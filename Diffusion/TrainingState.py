@@ -16,6 +16,9 @@ from Diffusion.Checkpoint import (
     epoch_of,
     list_checkpoints,
     load_into,
+    load_tensors,
+    read_run_info,
+    read_state_dict,
     safe_load,
     save_atomically,
 )
@@ -202,3 +205,47 @@ def continue_from_weights(state, config, state_dict, path):
                           f"{state.epoch}, with a new optimizer state; it has no EMA weights, so "
                           f"the EMA starts from these weights (only {TRAINING_STATE} continues "
                           f"a run exactly)")
+
+
+def weights_to_sample(folder, name, config, device):
+    """The state_dict eval samples from, test_load_weight `name` in `folder`:
+    - a training state: its EMA weights, or with use_ema false (or no EMA) its raw weights;
+    - a snapshot ckpt_{epoch}_.pt: its weights (the EMA's when its run had EMA, as run.json
+      records); with use_ema false, the raw weights of training_state.pt if it was saved at
+      the end of that epoch;
+    - a plain state_dict with no record (the original's checkpoints): its weights as they are."""
+    path = os.path.join(folder, name)
+    if not os.path.isfile(path):
+        return read_state_dict(folder, name, device)  # raises, listing the checkpoints there
+    saved = safe_load(path, device)
+    if is_training_state(saved):
+        use_ema = config["use_ema"] and saved["ema"] is not None
+        tqdm.write(f"sampling from the {'EMA' if use_ema else 'raw'} weights of {name} (epoch "
+                   f"{saved['epoch']}, step {saved['step_in_epoch']} of it)")
+        return ema_weights(saved["ema"]) if use_ema else saved["model"]
+    holds = read_run_info(folder).get("snapshot_weights")
+    if holds == "ema" and not config["use_ema"]:
+        return raw_weights_of_snapshot(folder, name, device)
+    tqdm.write({"ema": f"sampling from the EMA weights in {name}",
+                "raw": f"sampling from {name} (its run had no EMA)"}.get(
+        holds, f"sampling from {name}: a plain state_dict with no EMA weights recorded beside it"))
+    return load_tensors(path, device)
+
+
+def ema_weights(ema_state):
+    """The model's state_dict inside an EMA (AveragedModel) state_dict: its "module." entries."""
+    return {key[len("module."):]: value for key, value in ema_state.items() if key.startswith("module.")}
+
+
+def raw_weights_of_snapshot(folder, name, device):
+    """The raw weights saved with snapshot `name` (whose own weights are the EMA's): those of
+    training_state.pt when it was saved at the end of the snapshot's epoch."""
+    state_path = os.path.join(folder, TRAINING_STATE)
+    epoch = epoch_of(name)
+    if epoch is not None and os.path.isfile(state_path) and state_ends_epoch(state_path, epoch):
+        tqdm.write(f"sampling from the raw weights saved with {name}, in {TRAINING_STATE}")
+        return safe_load(state_path, device)["model"]
+    raise ConfigError(f"{name} holds the EMA weights, and use_ema is false: a run keeps its raw "
+                      f"weights only in {TRAINING_STATE}, from its newest epoch. Set "
+                      f"test_load_weight {TRAINING_STATE} (with use_ema false) for those, or "
+                      f"use_ema true for {name}'s EMA weights.")

@@ -11,12 +11,13 @@ import torch
 from torchvision.utils import make_grid
 from tqdm import tqdm
 
-from Diffusion.Checkpoint import class_names, load_into, num_labels_of, read_state_dict
+from Diffusion.Checkpoint import class_names, load_into, num_labels_of
 from Diffusion.Config import ConfigError
 from Diffusion.Data import training_dataset
 from Diffusion.Diffusion import SINGLE_PROCESS
 from Diffusion.ScheduleCheck import warn_if_x_T_keeps_the_image
 from Diffusion.Train import fit, save_grid, seed_everything, starting_noise
+from Diffusion.TrainingState import weights_to_sample
 from DiffusionFreeGuidence.DiffusionCondition import GaussianDiffusionSampler
 from DiffusionFreeGuidence.ModelCondition import UNet
 
@@ -92,7 +93,7 @@ def eval(modelConfig):
     warn_if_x_T_keeps_the_image(config)
     device = torch.device(config["device"])
     seed_everything(config["seed"])
-    state_dict = read_state_dict(config["save_dir"], config["test_load_weight"], device)
+    state_dict = weights_to_sample(config["save_dir"], config["test_load_weight"], config, device)
     # An unconditional checkpoint has no class table; it fails to load below, saying so.
     num_labels = num_labels_of(state_dict) or 1
     model = unet_of(config, num_labels)
