@@ -147,6 +147,8 @@ def continue_run(state, config, folder, name):
     or a snapshot ckpt_{epoch}_.pt (its full training state when training_state.pt is from the
     end of that epoch, else its weights alone: a new optimizer, the schedule at the next epoch)."""
     for candidate in candidates(folder, name):
+        if not os.path.isfile(os.path.join(folder, candidate)):
+            read_state_dict(folder, candidate, "cpu")  # raises, listing the checkpoints there
         try:
             saved = safe_load(os.path.join(folder, candidate), "cpu")
         except ConfigError as unreadable:

@@ -5,6 +5,7 @@ import os
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -91,6 +92,35 @@ def run_script(script, *arguments, cwd=None, preexec_fn=None):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     return subprocess.run([sys.executable, str(REPO / script), *arguments], cwd=cwd or REPO,
                           env=env, capture_output=True, text=True, timeout=600, preexec_fn=preexec_fn)
+
+
+def start_script(script, *arguments, cwd=None):
+    """Start `python <script> arguments` in the background, as a user would; returns the Popen
+    (its output goes to files in cwd: stdout.txt, stderr.txt)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    cwd = Path(cwd or REPO)
+    return subprocess.Popen([sys.executable, str(REPO / script), *arguments], cwd=cwd, env=env,
+                            stdout=open(cwd / "stdout.txt", "w"), stderr=open(cwd / "stderr.txt", "w"))
+
+
+def wait_until(condition, process, timeout=120):
+    """Poll condition() until it holds; fail if `process` ends first or the time runs out."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if process.poll() is not None:
+            pytest.fail(f"the process ended (status {process.returncode}) before the awaited moment")
+        if time.monotonic() > deadline:
+            process.kill()
+            pytest.fail("timed out waiting for the training run")
+        time.sleep(0.01)
+
+
+def log_lines(folder):
+    """The records of a run's training_log.jsonl (none yet: [])."""
+    path = Path(folder) / "training_log.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
 
 
 # One CPU thread, here and in the scripts run: the tiny models gain nothing from more, and on a

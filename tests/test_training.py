@@ -9,15 +9,17 @@ import pytest
 import torch
 import torchvision
 from PIL import Image
-from torch.optim.lr_scheduler import CosineAnnealingLR
 
 import Main
 from conftest import as_arguments, grid_size, run_or_fail
 from Diffusion import Train
-from Diffusion.Checkpoint import TRAINING_STATE, save_atomically
+from Diffusion.Checkpoint import RUN_INFO, TRAINING_STATE, save_atomically
 from Diffusion.Config import ConfigError
 from Diffusion.Data import training_dataset, training_loader
-from Scheduler import GradualWarmupScheduler
+from Diffusion.Distributed import EpochSampler, Processes
+from Diffusion.RunFolder import LOG, TENSORBOARD
+from Diffusion.Speed import grad_scaler
+from Diffusion.TrainingState import TrainingState, start
 
 
 def files_in(folder):
@@ -31,10 +33,10 @@ def contents(folder, names):
 # --- the training run of Main.py ----------------------------------------------------------
 
 
-def test_training_run_writes_a_plain_state_dict_and_the_optimizer_state(trained_unconditional):
+def test_training_run_writes_a_plain_state_dict_and_the_training_state(trained_unconditional):
     config = trained_unconditional
     folder = Path(config["save_weight_dir"])
-    assert files_in(folder) == ["ckpt_0_.pt", TRAINING_STATE]
+    assert files_in(folder) == ["ckpt_0_.pt", RUN_INFO, TENSORBOARD, LOG, TRAINING_STATE]
 
     state_dict = torch.load(folder / "ckpt_0_.pt", weights_only=True)
     assert isinstance(state_dict, dict)
@@ -44,7 +46,7 @@ def test_training_run_writes_a_plain_state_dict_and_the_optimizer_state(trained_
     model.load_state_dict(state_dict, strict=True)
 
     training_state = torch.load(folder / TRAINING_STATE, weights_only=True)
-    assert training_state["checkpoint"] == "ckpt_0_.pt"
+    assert (training_state["epoch"], training_state["step_in_epoch"]) == (1, 0)
     steps = {float(s["step"]) for s in training_state["optimizer"]["state"].values()}
     assert steps == {2.}  # 16 images, batch_size 8: two optimizer steps
 
@@ -61,7 +63,7 @@ def test_eval_writes_noise_and_sample_grids_of_the_expected_size(trained_uncondi
             grids.append(np.asarray(grid))
     assert not np.array_equal(*grids)
     # eval does not write to the checkpoint folder
-    assert files_in(config["save_weight_dir"]) == ["ckpt_0_.pt", TRAINING_STATE]
+    assert files_in(config["save_weight_dir"]) == ["ckpt_0_.pt", RUN_INFO, TENSORBOARD, LOG, TRAINING_STATE]
 
 
 # --- eval errors ---------------------------------------------------------------------------
@@ -110,7 +112,7 @@ def test_eval_of_a_file_that_is_no_state_dict_says_so(tiny_config, content, says
     assert says in message and "ckpt_0_.pt" in message
 
 
-# --- checkpoints and resuming --------------------------------------------------------------
+# --- snapshots and continuing from weights -----------------------------------------------
 
 
 def train(config, **changes):
@@ -118,16 +120,28 @@ def train(config, **changes):
     return config["save_weight_dir"]
 
 
-def training_state(folder):
-    state = torch.load(Path(folder) / TRAINING_STATE, weights_only=True)
-    steps = {int(s["step"]) for s in state["optimizer"]["state"].values()}
-    return state["checkpoint"], steps, state["optimizer"]["param_groups"][0]["lr"]
+def saved_state(folder):
+    return torch.load(Path(folder) / TRAINING_STATE, weights_only=True)
 
 
-def test_training_writes_a_checkpoint_per_epoch_and_leaves_no_temporary_file(tiny_config):
-    folder = train(tiny_config, epoch=2)
-    assert files_in(folder) == ["ckpt_0_.pt", "ckpt_1_.pt", TRAINING_STATE]  # no *.tmp
-    assert training_state(folder)[:2] == ("ckpt_1_.pt", {4})
+def adam_steps(state):
+    return {int(s["step"]) for s in state["optimizer"]["state"].values()}
+
+
+def test_snapshots_every_save_every_epochs_and_the_last_the_newest_keep_last_kept(tiny_config):
+    folder = train(tiny_config, epoch=7, save_every=2, keep_last=2)
+    # snapshots after epochs 1, 3, 5 and 6 (the last); the newest two are kept; no *.tmp left
+    assert files_in(folder) == ["ckpt_5_.pt", "ckpt_6_.pt", RUN_INFO, TENSORBOARD, LOG, TRAINING_STATE]
+    state = saved_state(folder)
+    assert (state["epoch"], state["step_in_epoch"], state["step"]) == (7, 0, 14)
+    assert adam_steps(state) == {14}  # 16 images, batch_size 8: two steps per epoch
+
+
+def test_start_up_line_says_what_the_run_writes_and_about_how_much_disk(tiny_config, capsys):
+    train(tiny_config, epoch=25, save_every=10, sample_every=0, log_every=0)
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("this run writes"))
+    assert "ckpt_{epoch}_.pt after epoch 9, 19, 24" in line
+    assert "3 snapshots" in line and "all kept" in line and TRAINING_STATE in line and "MB in all" in line
 
 
 def test_a_save_that_fails_midway_leaves_the_previous_checkpoint_whole(tmp_path):
@@ -138,83 +152,75 @@ def test_a_save_that_fails_midway_leaves_the_previous_checkpoint_whole(tmp_path)
     assert torch.equal(torch.load(path, weights_only=True)["weight"], torch.ones(3))
 
 
-def test_training_continues_from_a_named_checkpoint_at_the_next_epoch(tiny_config):
-    folder = train(tiny_config, epoch=2)
-    # Mark the checkpoint to continue from: the frozen time-embedding table is never trained.
-    path = Path(folder) / "ckpt_1_.pt"
-    state_dict = torch.load(path, weights_only=True)
-    table = "time_embedding.timembedding.0.weight"
-    state_dict[table] = state_dict[table] + 1.
-    torch.save(state_dict, path)
-    before = contents(folder, ["ckpt_0_.pt", "ckpt_1_.pt"])
+def test_a_named_snapshot_from_the_end_of_the_training_states_epoch_continues_the_full_state(tiny_config, capsys):
+    folder = train(tiny_config, epoch=2, save_every=1)
+    train(tiny_config, epoch=3, save_every=1, training_load_weight="ckpt_1_.pt")
+    assert f"continuing from {TRAINING_STATE}: epoch 2, step 0" in capsys.readouterr().out
+    assert adam_steps(saved_state(folder)) == {6}  # AdamW's 4 steps were loaded, 2 added
+    assert files_in(folder)[:3] == ["ckpt_0_.pt", "ckpt_1_.pt", "ckpt_2_.pt"]
 
-    train(tiny_config, epoch=3, training_load_weight="ckpt_1_.pt")
 
-    assert files_in(folder) == ["ckpt_0_.pt", "ckpt_1_.pt", "ckpt_2_.pt", TRAINING_STATE]
-    assert contents(folder, ["ckpt_0_.pt", "ckpt_1_.pt"]) == before
-    resumed = torch.load(Path(folder) / "ckpt_2_.pt", weights_only=True)
-    assert torch.equal(resumed[table], state_dict[table])  # the weights came from ckpt_1_.pt
-    checkpoint, steps, lr = training_state(folder)
-    assert (checkpoint, steps) == ("ckpt_2_.pt", {6})  # AdamW's 4 steps were loaded, 2 added
-    # lr after the schedule's 3rd step (epoch 3, no warm-up): peak * (1 + cos(2 pi / 3)) / 2
+def test_a_plain_checkpoint_continues_from_its_weights_at_the_next_epoch(tiny_config, capsys):
+    """The original's checkpoints: a plain state_dict, no optimizer, no EMA."""
+    folder = Path(tiny_config["save_weight_dir"])
+    folder.mkdir()
+    weights = Train.unet_of(tiny_config).state_dict()
+    table = "time_embedding.timembedding.0.weight"  # frozen: never trained, so it marks the source
+    weights[table] = weights[table] + 1.
+    torch.save(weights, folder / "ckpt_4_.pt")
+
+    train(tiny_config, epoch=6, ema_decay=0., training_load_weight="ckpt_4_.pt")
+
+    out = capsys.readouterr().out
+    assert "continuing from the weights of ckpt_4_.pt at epoch 5, with a new optimizer state" in out
+    assert "no EMA" in out
+    state = saved_state(folder)
+    assert state["epoch"] == 6 and adam_steps(state) == {2}
+    assert torch.equal(state["model"][table], weights[table])
+    # lr of epoch 5 (no warm-up for 6 epochs): peak * (1 + cos(pi 5 / 6)) / 2
     peak = tiny_config["lr"] * tiny_config["multiplier"]
-    assert lr == pytest.approx(peak * (1 + math.cos(2 * math.pi / 3)) / 2, rel=1e-6)
+    assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(
+        peak * (1 + math.cos(math.pi * 5 / 6)) / 2, rel=1e-6)
 
 
-def test_training_continues_from_the_last_checkpoint_by_epoch_number(tiny_config):
-    folder = tiny_config["save_weight_dir"]
-    model = Train.unet_of(tiny_config)
-    optimizer = torch.optim.AdamW(model.parameters())
-    for epoch in (2, 10):  # "ckpt_10_" sorts before "ckpt_2_" as text
-        Train.save_checkpoint(model, optimizer, folder, epoch)
-    before = contents(folder, ["ckpt_2_.pt", "ckpt_10_.pt"])
-
-    train(tiny_config, epoch=12, training_load_weight="last")
-
-    assert files_in(folder) == ["ckpt_10_.pt", "ckpt_11_.pt", "ckpt_2_.pt", TRAINING_STATE]
-    assert contents(folder, ["ckpt_2_.pt", "ckpt_10_.pt"]) == before
-    assert training_state(folder)[0] == "ckpt_11_.pt"
-
-
-def schedule_after_resume(config, folder):
-    """resume() on fresh model, optimizer and schedule built as Train.fit builds them: the
-    first epoch to train and the LR it trains with."""
+def schedule_after_continuing(config):
+    """Continue (TrainingState.start) on a model, optimizer and schedule built as Train.fit
+    builds them: the first epoch to train and the LR it trains with."""
     model = Train.unet_of(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=1e-4)
-    scheduler = GradualWarmupScheduler(
-        optimizer, multiplier=config["multiplier"], warm_epoch=config["epoch"] // 10,
-        after_scheduler=CosineAnnealingLR(optimizer, T_max=config["epoch"], eta_min=0))
-    first_epoch = Train.resume(config, model, optimizer, scheduler, folder, torch.device("cpu"))
-    return first_epoch, optimizer.param_groups[0]["lr"]
+    state = TrainingState(model, None, optimizer, Train.warmup_cosine(optimizer, config),
+                          grad_scaler(config, torch.device("cpu")), Processes(torch.device("cpu")), config)
+    start(state, config, config["save_weight_dir"])
+    return state.epoch, optimizer.param_groups[0]["lr"]
 
 
 @pytest.mark.parametrize("saved_epochs, load, first_epoch", [
     ([0], "ckpt_0_.pt", 1), ([19], "ckpt_19_.pt", 20), ([20], "ckpt_20_.pt", 21),
     ([3, 24], "last", 25), ([3, 24, 150], "ckpt_150_.pt", 151)])
-def test_resume_moves_the_lr_schedule_to_the_epoch_after_the_checkpoint(
+def test_continuing_from_weights_moves_the_lr_schedule_to_the_epoch_after_theirs(
         tiny_config, lr_schedules, saved_epochs, load, first_epoch):
     """Main.py's default schedule (epoch 200, lr 1e-4, multiplier 2) against the original's."""
     config = {**tiny_config, "epoch": Main.modelConfig["epoch"], "lr": Main.modelConfig["lr"],
               "multiplier": Main.modelConfig["multiplier"], "training_load_weight": load}
     (expected,) = [lrs for key, lrs in lr_schedules.items() if key.startswith("Main.py ")]
-    model = Train.unet_of(config)
-    for epoch in saved_epochs:
-        Train.save_checkpoint(model, torch.optim.AdamW(model.parameters()), config["save_weight_dir"], epoch)
+    weights = Train.unet_of(config).state_dict()
+    for epoch in saved_epochs:  # "ckpt_24_" sorts before "ckpt_3_" as text: last is by number
+        save_atomically(weights, os.path.join(config["save_weight_dir"], f"ckpt_{epoch}_.pt"))
 
-    got_epoch, lr = schedule_after_resume(config, config["save_weight_dir"])
+    got_epoch, lr = schedule_after_continuing(config)
 
     assert got_epoch == first_epoch
     assert lr == pytest.approx(expected[first_epoch], rel=1e-3)
 
 
-def test_resume_from_last_in_an_empty_folder_is_refused(tiny_config):
+def test_continuing_from_last_in_an_empty_folder_is_refused(tiny_config):
     with pytest.raises(ConfigError, match="last"):
         train(tiny_config, training_load_weight="last")
 
 
-def test_resume_from_a_checkpoint_that_is_not_there_lists_those_that_are(tiny_config):
-    model = Train.unet_of(tiny_config)
-    Train.save_checkpoint(model, torch.optim.AdamW(model.parameters()), tiny_config["save_weight_dir"], 0)
+def test_continuing_from_a_checkpoint_that_is_not_there_lists_those_that_are(tiny_config):
+    save_atomically(Train.unet_of(tiny_config).state_dict(),
+                    os.path.join(tiny_config["save_weight_dir"], "ckpt_0_.pt"))
     with pytest.raises(ConfigError) as error:
         train(tiny_config, epoch=3, training_load_weight="ckpt_1_.pt")
     assert "ckpt_1_.pt" in str(error.value) and "ckpt_0_.pt" in str(error.value)
@@ -248,7 +254,8 @@ def test_every_image_becomes_rgb_of_img_size_in_minus_1_1(tiny_config, odd_image
 
 def test_loader_gives_full_shuffled_batches_of_images_and_labels(tiny_config, image_folder):
     config = {**tiny_config, "batch_size": 6}
-    loader = training_loader(dataset_of(config, image_folder), config, "cpu")
+    dataset = dataset_of(config, image_folder)
+    loader = training_loader(dataset, config, EpochSampler(dataset, Processes(torch.device("cpu")), seed=0), "cpu")
     batches = list(loader)
     assert len(batches) == 2  # 16 images: the incomplete third batch is dropped
     for images, labels in batches:
