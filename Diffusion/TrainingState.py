@@ -37,7 +37,7 @@ class TrainingState:
     def __init__(self, model, ema, optimizer, scheduler, scaler, processes, config):
         self.model, self.ema, self.optimizer = model, ema, optimizer
         self.scheduler, self.scaler, self.processes = scheduler, scaler, processes
-        self.batch_size = config["batch_size"]
+        self.config, self.batch_size = config, config["batch_size"]
         self.epoch = self.step_in_epoch = self.step = 0
         self.skipped_steps = self.non_finite_in_a_row = 0  # steps whose gradients were not finite
         self.seed = self.generator = None
@@ -68,10 +68,10 @@ class TrainingState:
             "rng": rngs,
         }
 
-    def load_state_dict(self, state):
-        """Continue from `state` exactly (the same processes and batch_size), or as closely as
-        the processes and batch_size allow, saying so."""
-        self.model.load_state_dict(state["model"])
+    def load_state_dict(self, state, path):
+        """Continue from `state`, read from `path`: exactly (with the same processes and
+        batch_size), or as closely as the processes and batch_size allow, saying so."""
+        load_into(self.model, state["model"], path, self.config)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
@@ -157,7 +157,7 @@ def continue_run(state, config, folder, name):
             note(state.processes, f"warning: {unreadable} Trying the next newest file.")
             continue
         if is_training_state(saved):
-            state.load_state_dict(saved)
+            state.load_state_dict(saved, os.path.join(folder, candidate))
             note(state.processes, f"continuing from {candidate}: epoch {state.epoch}, step "
                                   f"{state.step_in_epoch} of it ({state.step} steps in all)")
         else:

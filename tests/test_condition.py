@@ -16,6 +16,9 @@ from Diffusion.Checkpoint import RUN_INFO, TRAINING_STATE, read_run_info
 from Diffusion.Config import ConfigError
 from Diffusion.Data import training_dataset
 from DiffusionFreeGuidence import DiffusionCondition, ModelCondition, TrainCondition
+from Diffusion.Diffusion import SINGLE_PROCESS
+from Diffusion.Randomness import GlobalBatch
+from Diffusion.RunFolder import LOG, TENSORBOARD
 from DiffusionFreeGuidence.TrainCondition import drop_labels, guided_loss
 
 
@@ -67,6 +70,28 @@ def test_labels_are_dropped_per_example_not_per_batch():
         assert 0 < dropped < 1000
 
 
+def test_batch_label_dropout_drops_the_whole_batch_with_probability_p_uncond():
+    """The original's choice: label_dropout "batch"."""
+    torch.manual_seed(0)
+    dropped_batches = 0
+    for _ in range(2000):
+        dropped = drop_labels(torch.randint(1, 11, (8,)), 0.1, mode="batch") == 0
+        assert dropped.all() or not dropped.any()
+        dropped_batches += bool(dropped.all())
+    assert abs(dropped_batches / 2000 - 0.1) < 0.02
+
+
+def test_label_dropout_of_a_process_is_its_share_of_the_global_batchs():
+    """Two processes draw the dropout of the global batch alike and keep their own labels."""
+    labels = torch.arange(1, 9)
+    whole = drop_labels(labels, 0.5, "example", GlobalBatch(torch.Generator().manual_seed(3)))
+    shares = [drop_labels(labels[rank::2], 0.5, "example",
+                          GlobalBatch(torch.Generator().manual_seed(3), rank, world_size=2))
+              for rank in (0, 1)]
+    assert torch.equal(shares[0], whole[0::2]) and torch.equal(shares[1], whole[1::2])
+    assert 0 < (whole == 0).sum() < 8
+
+
 @pytest.mark.parametrize("p_uncond, expected", [(0., [3, 1, 7]), (1., [0, 0, 0])])
 def test_label_dropout_at_probability_0_and_1(p_uncond, expected):
     assert drop_labels(torch.tensor([3, 1, 7]), p_uncond).tolist() == expected
@@ -81,7 +106,8 @@ def test_training_shifts_labels_so_that_0_is_the_null_label(p_uncond, seen):
 
     model = Recording()
     trainer = DiffusionCondition.GaussianDiffusionTrainer(model, 1e-4, 0.02, 10)
-    loss = guided_loss(trainer, torch.zeros(3, 3, 4, 4), torch.tensor([0, 1, 2]), p_uncond=p_uncond)
+    loss = guided_loss(trainer, torch.zeros(3, 3, 4, 4), torch.tensor([0, 1, 2]), SINGLE_PROCESS,
+                       p_uncond=p_uncond, label_dropout="example")
     assert model.labels.tolist() == seen
     assert loss.shape == () and torch.isfinite(loss)
 
@@ -105,7 +131,7 @@ def test_class_subfolders_are_labelled_in_sorted_order(class_folders):
 
 def test_training_run_writes_a_checkpoint_of_the_classes_in_save_dir(trained_conditional):
     folder = Path(trained_conditional["save_dir"])
-    assert sorted(p.name for p in folder.iterdir()) == ["ckpt_0_.pt", RUN_INFO, TRAINING_STATE]
+    assert sorted(p.name for p in folder.iterdir()) == ["ckpt_0_.pt", RUN_INFO, TENSORBOARD, LOG, TRAINING_STATE]
     assert read_run_info(folder)["classes"] == ["airplane", "bird", "cat"]
     state_dict = torch.load(folder / "ckpt_0_.pt", weights_only=True)
     assert state_dict["cond_embedding.condEmbedding.0.weight"].shape == (4, 32)  # 3 classes + null

@@ -202,13 +202,15 @@ def limit_file_size():
 def test_a_save_that_fails_during_training_names_the_file_and_keeps_the_checkpoints(
         trained_unconditional, tmp_path):
     folder = copy_of(trained_unconditional["save_weight_dir"], tmp_path)
-    before = {path.name: path.read_bytes() for path in folder.iterdir()}
+    checkpoints = ["ckpt_0_.pt", TRAINING_STATE]
+    before = {name: (folder / name).read_bytes() for name in checkpoints}
     config = {**trained_unconditional, "save_weight_dir": str(folder), "training_load_weight": "last",
               "epoch": 2}
     process = run_script("Main.py", *as_arguments(config), cwd=tmp_path, preexec_fn=limit_file_size)
     message = one_sentence_error(process)
     assert str(folder / "ckpt_1_.pt") in message and "intact" in message
-    assert {path.name: path.read_bytes() for path in folder.iterdir()} == before  # no .tmp left either
+    assert {name: (folder / name).read_bytes() for name in checkpoints} == before
+    assert not list(folder.glob("*.tmp")) and not (folder / "ckpt_1_.pt").exists()
     assert len(schedule_warnings(process.stderr)) == 1
 
 
@@ -356,12 +358,15 @@ def test_torchs_wordings_of_a_refused_file_are_recognised_and_its_advice_dropped
 
 
 @pytest.mark.parametrize("content", [b"junk", RunsAShellCommand("true")], ids=["corrupt", "malicious"])
-def test_a_bad_training_state_stops_training_with_one_sentence(trained_unconditional, tmp_path, content):
+def test_a_bad_training_state_named_stops_training_with_one_sentence(trained_unconditional, tmp_path, content):
+    """Named explicitly it stops the run; with `last` it is reported and passed over
+    (tests/test_resume.py)."""
     folder = copy_of(trained_unconditional["save_weight_dir"], tmp_path)
     state = folder / TRAINING_STATE
     state.write_bytes(content) if isinstance(content, bytes) else torch.save(content, state)
-    config = {**trained_unconditional, "save_weight_dir": str(folder), "training_load_weight": "last",
-              "epoch": 2}
+    config = {**trained_unconditional, "save_weight_dir": str(folder),
+              "training_load_weight": TRAINING_STATE, "epoch": 2}
+    before = sorted(path.name for path in folder.iterdir())
     if isinstance(content, bytes):  # one real run of the script; the other case in-process
         message = one_sentence_error(run_script("Main.py", *as_arguments(config), cwd=tmp_path))
     else:
@@ -369,7 +374,7 @@ def test_a_bad_training_state_stops_training_with_one_sentence(trained_unconditi
             Main.main(config)
         message = str(error.value)
     assert str(state) in message and "weights_only" not in message
-    assert sorted(path.name for path in folder.iterdir()) == ["ckpt_0_.pt", TRAINING_STATE]
+    assert sorted(path.name for path in folder.iterdir()) == before
 
 
 def test_safe_load_gives_what_torch_load_gives_and_names_a_missing_file(tmp_path):
