@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
+from tqdm import tqdm
 
 
 @dataclass(frozen=True)
@@ -117,6 +118,8 @@ def assert_identical_weights(model, processes):
         differs = any_process([bool((flat != reference).any())], processes)[0]
     if differs:
         raise RuntimeError("the training processes ended with different weights")
+    if processes.is_main:
+        tqdm.write(f"the {processes.world_size} training processes end with identical weights")
 
 
 class EpochSampler(DistributedSampler):

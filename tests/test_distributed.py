@@ -1,0 +1,76 @@
+"""Training on two CPU processes with torchrun (gloo): both end with the same weights, one set
+of files is written, the result is one process's with twice the batch, and the run continues
+as on one process."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, as_arguments, log_lines, run_or_fail, script_config, write_images
+from Diffusion.Checkpoint import TRAINING_STATE
+
+RUN = {"T": 10, "channel": 32, "channel_mult": [1, 2], "attn": [1], "num_res_blocks": 1,
+       "img_size": 8, "epoch": 2, "dropout": 0., "num_workers": 0, "device": "cpu", "seed": 0,
+       "save_every": 1, "log_every": 1, "sample_every": 1}
+
+
+def torchrun(*arguments, cwd):
+    """python -m torch.distributed.run --standalone --nproc_per_node=2 Main.py arguments."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               str(REPO / "Main.py"), *arguments]
+    process = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=600,
+                             env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
+    if process.returncode != 0:
+        pytest.fail(f"torchrun exited with {process.returncode}:\n{process.stdout[-3000:]}\n{process.stderr[-3000:]}")
+    return process
+
+
+def arguments(images, folder, **changes):
+    return as_arguments(script_config("Main", {**RUN, **changes}, dataset=images,
+                                      save_weight_dir=folder, sampled_dir=Path(folder) / "unused"))
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory):
+    """Two processes of batch 4 and one process of batch 8, on the same 32 images."""
+    root = tmp_path_factory.mktemp("ddp")
+    images = write_images(root / "images", 32, size=(8, 8), seed=6)
+    process = torchrun(*arguments(images, root / "two", batch_size=4), cwd=root)
+    run_or_fail("Main.py", *arguments(images, root / "one", batch_size=8), cwd=root)
+    return root, images, process
+
+
+def test_two_processes_end_with_identical_weights_and_write_one_set_of_files(two_processes):
+    root, _, process = two_processes
+    assert "the 2 training processes end with identical weights" in process.stdout
+    assert process.stdout.count("this run writes into") == 1  # only rank 0 speaks
+    folder = root / "two"
+    assert sorted(path.name for path in folder.glob("ckpt_*")) == ["ckpt_0_.pt", "ckpt_1_.pt"]
+    assert [line["step"] for line in log_lines(folder) if line["kind"] == "epoch"] == [4, 8]
+    assert sorted(path.name for path in (folder / "samples").iterdir()) == ["epoch_0.png", "epoch_1.png"]
+
+
+def test_two_processes_train_as_one_process_with_twice_the_batch(two_processes):
+    root, _, _ = two_processes
+    two = torch.load(root / "two" / TRAINING_STATE, weights_only=True)
+    one = torch.load(root / "one" / TRAINING_STATE, weights_only=True)
+    assert two["step"] == one["step"] == 8
+    for part in ("model", "ema"):
+        for name, expected in one[part].items():
+            # float rounding only: the gradients are summed in another order
+            assert torch.allclose(two[part][name], expected, rtol=0, atol=1e-4), name
+    losses = [(a["loss"], b["loss"]) for a, b in zip(log_lines(root / "two"), log_lines(root / "one"))]
+    assert all(a == pytest.approx(b, rel=1e-4) for a, b in losses)
+
+
+def test_two_processes_continue_a_run_as_one_does(two_processes):
+    root, images, _ = two_processes
+    process = torchrun(*arguments(images, root / "two", batch_size=4, epoch=3, training_load_weight="last"),
+                       cwd=root)
+    assert f"continuing from {TRAINING_STATE}: epoch 2, step 0" in process.stdout
+    state = torch.load(root / "two" / TRAINING_STATE, weights_only=True)
+    assert (state["epoch"], state["step"], state["world_size"]) == (3, 12, 2)
+    assert len(state["rng"]) == 2  # each process's generators
