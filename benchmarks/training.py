@@ -1,0 +1,211 @@
+"""Speed and memory of the training step with each speed option, measured in one run.
+
+    python benchmarks/training.py                          # Main.py's model, CUDA if present
+    python benchmarks/training.py --model condition --batch_size 8 --device cpu
+    python benchmarks/training.py --variants plain,bf16 --rounds 5
+
+Every variant is the real training step of Diffusion/Train.py (Algorithm 1, clipping, AdamW, the
+EMA update) on the default config of the chosen script; "plain" is the original's float32 path
+with every option off (AdamW not fused). The variants' steps alternate, round after round, so
+that a machine that slows down or speeds up affects them alike; the table gives the median
+images per second over the rounds, the ratio to plain, and the memory the step takes above what
+was allocated before it (CUDA: peak allocated; CPU: peak resident set). On CUDA it adds the
+model FLOPs utilisation of the best combination: FLOPs per image from
+torch.utils.flop_counter.FlopCounterMode, against the GPU's bf16 peak (--peak_tflops).
+"""
+import argparse
+import platform
+import statistics
+import sys
+import time
+import types
+from pathlib import Path
+
+import torch
+from torch.nn import functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import Main  # noqa: E402
+import MainCondition  # noqa: E402
+from Diffusion.Diffusion import GaussianDiffusionTrainer  # noqa: E402
+from Diffusion.Distributed import Processes  # noqa: E402
+from Diffusion.EMA import EMA  # noqa: E402
+from Diffusion.Model import AttnBlock  # noqa: E402
+from Diffusion.Randomness import GlobalBatch  # noqa: E402
+from Diffusion.Speed import adamw, compiled, grad_scaler, place  # noqa: E402
+from Diffusion.Train import original_loss, training_step, unet_of, warmup_cosine  # noqa: E402
+from Diffusion.TrainingState import TrainingState  # noqa: E402
+from DiffusionFreeGuidence.TrainCondition import guided_loss  # noqa: E402
+from DiffusionFreeGuidence.TrainCondition import unet_of as conditional_unet_of  # noqa: E402
+
+OPTIONS_OFF = {"amp": "none", "compile": False, "channels_last": False, "fused": False, "attention": "sdpa"}
+VARIANTS = {
+    "plain": {},
+    "bf16": {"amp": "bf16"},
+    "fp16": {"amp": "fp16"},
+    "channels_last": {"channels_last": True},
+    "fused AdamW": {"fused": True},
+    "compile": {"compile": True},
+    "matmul attention": {"attention": "matmul"},
+    "best": None,  # the best combination for the device, below
+}
+BF16_PEAK_TFLOPS = {"H100": 989., "H200": 989., "A100": 312., "L40S": 362., "RTX 4090": 165.}
+
+
+def best_options(device):
+    on_gpu = device.type == "cuda"
+    return {"amp": "bf16", "channels_last": on_gpu, "fused": True, "compile": on_gpu}
+
+
+def matmul_attention(block, x):
+    """The original's attention: bmm, softmax, bmm. [B, C, H, W] -> [B, C, H, W]."""
+    B, C, H, W = x.shape
+    h = block.group_norm(x)
+    q = block.proj_q(h).permute(0, 2, 3, 1).reshape(B, H * W, C)
+    k = block.proj_k(h).reshape(B, C, H * W)
+    v = block.proj_v(h).permute(0, 2, 3, 1).reshape(B, H * W, C)
+    weights = F.softmax(torch.bmm(q, k) * C ** -0.5, dim=-1)
+    return x + block.proj(torch.bmm(weights, v).reshape(B, H, W, C).permute(0, 3, 1, 2))
+
+
+class Variant:
+    """A model, optimizer and EMA set up with one combination of options, and its step."""
+
+    def __init__(self, options, script, batch_size, device):
+        self.options = options
+        base = script.modelConfig
+        self.config = {**base, "device": str(device), "batch_size": batch_size,
+                       **{key: options[key] for key in ("amp", "compile", "channels_last")}}
+        conditional = script is MainCondition
+        model = conditional_unet_of(self.config, 10) if conditional else unet_of(self.config)
+        if options["attention"] == "matmul":
+            for block in model.modules():
+                if isinstance(block, AttnBlock):
+                    block.forward = types.MethodType(matmul_attention, block)
+        model = place(model, self.config, device)
+        optimizer = adamw(model.parameters(), base["lr"], device) if options["fused"] else \
+            torch.optim.AdamW(model.parameters(), lr=base["lr"], weight_decay=1e-4)
+        processes = Processes(device)
+        self.state = TrainingState(model, EMA(model, base["ema_decay"]), optimizer,
+                                   warmup_cosine(optimizer, self.config), grad_scaler(self.config, device),
+                                   processes, self.config)
+        self.state.seed_with(0)
+        self.trainer = GaussianDiffusionTrainer(compiled(model, self.config, announce=False), base["beta_1"],
+                                                base["beta_T"], base["T"]).to(device)
+        self.batch = GlobalBatch(self.state.generator)
+        self.loss = (lambda trainer, x, labels, batch: guided_loss(trainer, x, labels, batch, 0.1, "example")) \
+            if conditional else original_loss
+        self.images = torch.rand(batch_size, 3, 32, 32) * 2 - 1
+        self.labels = torch.randint(10, (batch_size,))
+
+    def step(self):
+        return training_step(self.state, self.trainer, self.images, self.labels, self.loss, self.batch,
+                             self.config)
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def memory_mark(device):
+    """Start measuring the peak; returns the amount in use now (MiB)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.memory_allocated(device) / 2 ** 20
+    with open("/proc/self/clear_refs", "w") as refs:  # resets the peak resident set (Linux)
+        refs.write("5")
+    return _status_mib("VmRSS")
+
+
+def memory_peak(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return _status_mib("VmHWM")
+
+
+def _status_mib(field):
+    with open("/proc/self/status") as status:
+        line = next(line for line in status if line.startswith(field + ":"))
+    return int(line.split()[1]) / 1024
+
+
+def measure(variant, steps, device):
+    """(images per second, MiB the steps took above what was in use before them)."""
+    before = memory_mark(device)
+    synchronize(device)
+    started = time.perf_counter()
+    for _ in range(steps):
+        variant.step()
+    synchronize(device)
+    seconds = time.perf_counter() - started
+    return steps * variant.config["batch_size"] / seconds, memory_peak(device) - before
+
+
+def flops_per_image(variant):
+    """FLOPs of one training step (forward and backward of the UNet) per image."""
+    with FlopCounterMode(display=False) as counter:
+        variant.step()
+    return counter.get_total_flops() / variant.config["batch_size"]
+
+
+def machine(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as info:
+            name = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
+    except (OSError, StopIteration):
+        name = platform.machine()
+    return f"{name}, {torch.get_num_threads()} threads"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=["main", "condition"], default="main")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch_size", type=int, default=None, help="default: 128 on CUDA, 8 on CPU")
+    parser.add_argument("--variants", default=None, help="comma-separated names (default: all the device has)")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=None, help="steps per measurement (default: 20 CUDA, 2 CPU)")
+    parser.add_argument("--peak_tflops", type=float, default=None, help="bf16 peak of the GPU (default: by name)")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    on_gpu = device.type == "cuda"
+    batch_size = args.batch_size or (128 if on_gpu else 8)
+    steps = args.steps or (20 if on_gpu else 2)
+    script = MainCondition if args.model == "condition" else Main
+    names = args.variants.split(",") if args.variants else [n for n in VARIANTS if on_gpu or n != "fp16"]
+    variants = {}
+    for name in names:
+        options = {**OPTIONS_OFF, **(VARIANTS[name] if VARIANTS[name] is not None else best_options(device))}
+        variants[name] = Variant(options, script, batch_size, device)
+        for _ in range(3 if options["compile"] else 1):  # warm-up (compiles)
+            variants[name].step()
+    results = {name: [] for name in variants}
+    for _ in range(args.rounds):
+        for name, variant in variants.items():
+            results[name].append(measure(variant, steps, device))
+
+    print(f"{script.__name__}.py's model, batch {batch_size}, {steps} steps x {args.rounds} rounds, "
+          f"torch {torch.__version__}, {device.type}: {machine(device)}\n")
+    print("| variant | options | images/s | vs plain | step memory (MiB) |\n| --- | --- | --- | --- | --- |")
+    plain = statistics.median(rate for rate, _ in results["plain"]) if "plain" in results else None
+    for name, runs in results.items():
+        rate = statistics.median(r for r, _ in runs)
+        memory = max(m for _, m in runs)
+        options = {k: v for k, v in variants[name].options.items() if v != OPTIONS_OFF[k]}
+        ratio = f"{rate / plain:.2f}x" if plain else "-"
+        print(f"| {name} | {options or 'all off'} | {rate:.1f} | {ratio} | {memory:.0f} |")
+    if on_gpu and "best" in results:
+        peak = args.peak_tflops or next((p for key, p in BF16_PEAK_TFLOPS.items() if key in machine(device)), None)
+        flops = flops_per_image(Variant({**OPTIONS_OFF, "fused": True}, script, batch_size, device))
+        rate = statistics.median(r for r, _ in results["best"])
+        utilisation = f"{100 * rate * flops / (peak * 1e12):.1f}% of {peak:g} TFLOPS" if peak else "(peak unknown)"
+        print(f"\nbest: {flops / 1e9:.1f} GFLOPs per image, model FLOPs utilisation {utilisation}")
+
+
+if __name__ == "__main__":
+    main()
