@@ -24,6 +24,7 @@ modelConfig = {
     "beta_1": 1e-4,
     "beta_T": 0.028,
     "img_size": 32,
+    "img_channels": 3,
     "grad_clip": 1.,
     "device": "cuda" if torch.cuda.is_available() else "cpu",
     "w": 1.8,

@@ -191,7 +191,8 @@ def unet_config_of(state_dict):
     attn, or num_labels for the conditional model), for messages about a checkpoint that does
     not fit. Reads the down path: ResBlocks, with a downsampler closing each level but the last."""
     found = {"T": state_dict[TIME_TABLE].shape[0],
-             "channel": state_dict["head.weight"].shape[0]}
+             "channel": state_dict["head.weight"].shape[0],
+             "img_channels": state_dict["head.weight"].shape[1]}
     channel_mult, attn, blocks_in_level, index = [], [], 0, 0
     while any(key.startswith(f"downblocks.{index}.") for key in state_dict):
         prefix = f"downblocks.{index}."

@@ -69,6 +69,15 @@ def _choice(*choices):
                 lambda value: value in choices)
 
 
+def _choice_of_ints(*choices):
+    def parse(text):
+        if int(text) not in choices:
+            raise ValueError(text)
+        return int(text)
+    return Kind(" or ".join(map(str, choices)), "{" + ",".join(map(str, choices)) + "}", parse,
+                lambda value: _is_int(value) and value in choices)
+
+
 INT = Kind("an integer", "N", int, _is_int)
 FLOAT = Kind("a number", "X", float, _is_number)
 STR = Kind("a string", "TEXT", str, lambda value: isinstance(value, str))
@@ -96,6 +105,7 @@ KINDS = {
     "beta_1": FLOAT,
     "beta_T": FLOAT,
     "img_size": INT,
+    "img_channels": _choice_of_ints(1, 3),
     "grad_clip": FLOAT,
     "device": STR,
     "training_load_weight": _optional(STR),
@@ -146,6 +156,7 @@ MEANINGS = {
     "beta_1": "noise variance beta_1 of the first step (linear schedule)",
     "beta_T": "noise variance beta_T of the last step (linear schedule)",
     "img_size": "height and width of the images (the UNet halves it once per level)",
+    "img_channels": "3: RGB images; 1: grayscale (MNIST, Fashion-MNIST), one channel to model",
     "grad_clip": "largest gradient norm; larger gradients are scaled down",
     "device": "torch device: cuda, cuda:1, cpu, ...",
     "training_load_weight": "checkpoint to continue training from (in the checkpoint folder); "

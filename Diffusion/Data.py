@@ -1,6 +1,6 @@
 """Training images: CIFAR-10, any torchvision dataset of the same form, or a folder of images.
 
-Every image becomes RGB, is fitted to img_size (resized, centre-cropped) and scaled to [-1, 1];
+Every image becomes RGB (or grayscale, with img_channels 1), is fitted to img_size (resized, centre-cropped) and scaled to [-1, 1];
 training then flips it left-right at random (Randomness.flip_left_right_at_random, on the device,
 so that a continued run sees the same flips). For CIFAR-10 at 32x32 this is the original's
 pipeline.
@@ -27,15 +27,15 @@ CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog
 UNREADABLE_IMAGE_ERRORS = (OSError, SyntaxError, Image.DecompressionBombError)
 
 
-def training_transform(img_size):
-    """PIL image -> [3, img_size, img_size] in [-1, 1]."""
+def training_transform(img_size, img_channels=3):
+    """PIL image -> [img_channels, img_size, img_size] in [-1, 1] (3: RGB, 1: grayscale)."""
     return transforms.Compose([
-        transforms.RGB(),
+        transforms.RGB() if img_channels == 3 else transforms.Grayscale(1),
         transforms.Resize(img_size),
         transforms.CenterCrop(img_size),
         transforms.ToImage(),
         transforms.ToDtype(torch.float32, scale=True),
-        transforms.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+        transforms.Normalize([0.5] * img_channels, [0.5] * img_channels),
     ])
 
 
@@ -210,7 +210,7 @@ def torchvision_dataset(name, data_root, transform):
 def training_dataset(config, labelled=False):
     """The dataset named by config["dataset"], cut to a fixed random max_images of its images;
     `labelled`: with class labels (its `.classes` names them)."""
-    transform = training_transform(config["img_size"])
+    transform = training_transform(config["img_size"], config["img_channels"])
     name = config["dataset"]
     if is_torchvision_dataset(name):
         dataset = torchvision_dataset(name, config["data_root"], transform)

@@ -148,10 +148,11 @@ class UNetBody(nn.Module):
     """
 
     def build_body(self, ch, ch_mult, num_res_blocks, res_block, downsample, upsample,
-                   attn_down, attn_up, eps=1e-5):
+                   attn_down, attn_up, eps=1e-5, img_channels=3):
         """res_block(in_ch, out_ch, attn) -> ResBlock; downsample(ch), upsample(ch) -> resamplers;
-        attn_down, attn_up: the levels (indices into ch_mult) whose ResBlocks end in attention."""
-        self.head = nn.Conv2d(3, ch, 3, padding=1)
+        attn_down, attn_up: the levels (indices into ch_mult) whose ResBlocks end in attention;
+        img_channels: of the images (3: RGB, 1: grayscale)."""
+        self.head = nn.Conv2d(img_channels, ch, 3, padding=1)
         self.downblocks = nn.ModuleList()
         skip_chs = [ch]
         now_ch = ch
@@ -180,11 +181,11 @@ class UNetBody(nn.Module):
         self.tail = nn.Sequential(
             nn.GroupNorm(32, now_ch, eps=eps),
             nn.SiLU(),
-            nn.Conv2d(now_ch, 3, 3, padding=1),
+            nn.Conv2d(now_ch, img_channels, 3, padding=1),
         )
 
     def run_body(self, x, *embeddings):
-        """x [B, 3, H, W] and the embeddings ([B, tdim] each) -> [B, 3, H, W]."""
+        """x [B, img_channels, H, W] and the embeddings ([B, tdim] each) -> [B, img_channels, H, W]."""
         h = self.head(x)
         # Every down-path output (head included) is kept; each up-path ResBlock takes the
         # latest one back, concatenated to its input: the first down output pairs with the last
@@ -203,7 +204,8 @@ class UNetBody(nn.Module):
 
 
 class UNet(UNetBody):
-    """eps_theta(x_t, t): x_t [B, 3, H, W] in [-1, 1], t [B] in 0..T-1 -> eps [B, 3, H, W].
+    """eps_theta(x_t, t): x_t [B, 3, H, W] in [-1, 1], t [B] in 0..T-1 -> eps [B, 3, H, W]
+    (1 channel instead of 3 with img_channels 1, for grayscale images).
 
     ch: base channels (a multiple of 32, for GroupNorm); ch_mult: channels of each resolution
     level as multiples of ch, each level after the first halving H and W; attn: the levels with
@@ -212,7 +214,7 @@ class UNet(UNetBody):
     """
 
     def __init__(self, T, ch, ch_mult, attn, num_res_blocks, dropout,
-                 group_norm_eps=1e-5, downsample_padding="symmetric"):
+                 group_norm_eps=1e-5, downsample_padding="symmetric", img_channels=3):
         super().__init__()
         if any(not 0 <= level < len(ch_mult) for level in attn):
             raise ValueError(f"attn {list(attn)} names a level outside channel_mult's "
@@ -225,7 +227,7 @@ class UNet(UNetBody):
                 in_ch, out_ch, tdim, dropout, with_attn, group_norm_eps),
             downsample=lambda c: DownSample(c, downsample_padding),
             upsample=UpSample,
-            attn_down=attn, attn_up=attn, eps=group_norm_eps)
+            attn_down=attn, attn_up=attn, eps=group_norm_eps, img_channels=img_channels)
         self.initialize()
 
     def initialize(self):

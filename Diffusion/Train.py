@@ -46,7 +46,7 @@ def unet_of(config):
     return UNet(T=config["T"], ch=config["channel"], ch_mult=config["channel_mult"],
                 attn=config["attn"], num_res_blocks=config["num_res_blocks"],
                 dropout=config["dropout"], group_norm_eps=config["group_norm_eps"],
-                downsample_padding=config["downsample_padding"])
+                downsample_padding=config["downsample_padding"], img_channels=config["img_channels"])
 
 
 def seed_everything(seed):

@@ -25,7 +25,7 @@ def unet_of(config, num_labels):
     """The conditional UNet that config describes, for `num_labels` classes."""
     return UNet(T=config["T"], num_labels=num_labels, ch=config["channel"],
                 ch_mult=config["channel_mult"], num_res_blocks=config["num_res_blocks"],
-                dropout=config["dropout"])
+                dropout=config["dropout"], img_channels=config["img_channels"])
 
 
 def drop_labels(labels, p_uncond, mode="example", batch=SINGLE_PROCESS):

@@ -173,7 +173,7 @@ def test_command_line_values_reach_the_training_run(trained_unconditional):
     folder = Path(config["save_weight_dir"])
     assert (folder / "ckpt_0_.pt").is_file() and not list(folder.glob("ckpt_1*"))
     state_dict = torch.load(folder / "ckpt_0_.pt", weights_only=True)
-    assert unet_config_of(state_dict) == {"T": 10, "channel": 32, "channel_mult": [1, 2],
+    assert unet_config_of(state_dict) == {"T": 10, "channel": 32, "img_channels": 3, "channel_mult": [1, 2],
                                           "num_res_blocks": 1, "attn": [1]}
 
 
