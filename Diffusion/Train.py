@@ -212,13 +212,13 @@ def unconditional_preview(config):
         device = next(model.parameters()).device
         sampler = GaussianDiffusionSampler(model, config["beta_1"], config["beta_T"], config["T"],
                                            clip_denoised=config["clip_denoised"]).to(device)
-        return sampler(starting_noise(16, config["img_size"], device), progress=False), 4
+        return sampler(starting_noise(16, config, device), progress=False), 4
     return preview
 
 
-def starting_noise(count, img_size, device):
-    """x_T ~ N(0, I): [count, 3, img_size, img_size]."""
-    return torch.randn(count, 3, img_size, img_size, device=device)
+def starting_noise(count, config, device):
+    """x_T ~ N(0, I): [count, img_channels, img_size, img_size]."""
+    return torch.randn(count, config["img_channels"], config["img_size"], config["img_size"], device=device)
 
 
 def save_grid(images, folder, name, nrow):
@@ -241,6 +241,6 @@ def eval(modelConfig):
     model.to(device).eval()
     sampler = GaussianDiffusionSampler(model, config["beta_1"], config["beta_T"], config["T"],
                                        clip_denoised=config["clip_denoised"]).to(device)
-    x_T = starting_noise(config["batch_size"], config["img_size"], device)
+    x_T = starting_noise(config["batch_size"], config, device)
     save_grid(x_T, config["sampled_dir"], config["sampledNoisyImgName"], config["nrow"])
     save_grid(sampler(x_T), config["sampled_dir"], config["sampledImgName"], config["nrow"])

@@ -67,7 +67,7 @@ def conditional_preview(config, num_labels, per_class=4):
         labels = torch.arange(1, num_labels + 1, device=device).repeat_interleave(per_class)
         sampler = GaussianDiffusionSampler(model, config["beta_1"], config["beta_T"], config["T"],
                                            w=w, clip_denoised=config["clip_denoised"]).to(device)
-        return sampler(starting_noise(len(labels), config["img_size"], device), labels,
+        return sampler(starting_noise(len(labels), config, device), labels,
                        progress=False), per_class
     return preview
 
@@ -103,7 +103,7 @@ def eval(modelConfig):
     classes = classes_to_sample(config, num_labels)
     per_class = config["batch_size"] // len(classes)
     labels = torch.tensor(classes, device=device).repeat_interleave(per_class) + 1
-    x_T = starting_noise(len(labels), config["img_size"], device)
+    x_T = starting_noise(len(labels), config, device)
     save_grid(x_T, config["sampled_dir"], config["sampledNoisyImgName"], per_class)
 
     weights = config["w"] if isinstance(config["w"], (list, tuple)) else [config["w"]]

@@ -326,3 +326,22 @@ def test_unreachable_mnist_download_names_the_folder_mnist_reads(tiny_config, tm
     assert "train-images-idx3-ubyte.gz" in message
     assert str(tmp_path / "MNIST" / "raw") in message  # the folder MNIST downloads to and reads
     assert not (tmp_path / "MNIST").exists()  # the failed download left no empty folder
+
+
+# --- grayscale images as one channel -------------------------------------------------------
+
+
+def test_one_image_channel_trains_samples_gray_and_is_named_when_it_does_not_fit(tiny_config, mnist_root, tmp_path):
+    config = {**tiny_config, "dataset": "MNIST", "data_root": str(mnist_root), "img_channels": 1,
+              "batch_size": 5, "sample_every": 1}
+    images, _ = training_dataset(config)[0]
+    assert images.shape == (1, 16, 16)
+    Train.train(config)
+    folder = Path(config["save_weight_dir"])
+    assert torch.load(folder / "ckpt_0_.pt", weights_only=True)["head.weight"].shape == (32, 1, 3, 3)
+    Main.main({**config, "state": "eval", "test_load_weight": "ckpt_0_.pt", "batch_size": 2})
+    with Image.open(Path(config["sampled_dir"]) / config["sampledImgName"]) as grid:
+        pixels = np.asarray(grid.convert("RGB"))
+    assert np.array_equal(pixels[..., 0], pixels[..., 1]) and np.array_equal(pixels[..., 1], pixels[..., 2])
+    with pytest.raises(ConfigError, match=r"img_channels 1 \(config: 3\)"):
+        Main.main({**config, "state": "eval", "test_load_weight": "ckpt_0_.pt", "img_channels": 3})
