@@ -8,10 +8,10 @@ import torch
 
 from Diffusion.Config import run_from_command_line, run_state
 from Diffusion.Data import default_num_workers
-from Diffusion.Train import eval, train
+from Diffusion.Train import eval, fid, train
 
 modelConfig = {
-    "state": "train",  # or "eval"
+    "state": "train",  # or "eval", "fid"
     "epoch": 200,
     "batch_size": 80,
     "T": 1000,
@@ -42,13 +42,26 @@ modelConfig = {
     "group_norm_eps": 1e-5,
     "downsample_padding": "symmetric",
     "clip_denoised": False,
+    "sampler": "ddpm",
+    "sample_steps": None,
+    "eta": 0.,
+    "skip_type": "uniform",
+    "variance": "fixedlarge",
+    "process_frames": 10,
+    "sampledProcessImgName": "ProcessNoGuidenceImgs.png",
+    "sampledProcessGifName": "ProcessNoGuidence.gif",
+    "num_samples": 0,
+    "export_dir": "./SampledImgs/NoGuidenceSamples/",
+    "fid_images": None,
+    "fid_extractor": "inception",
+    "fid_stats_dir": "./FidStats/",
 }
 
 
 def main(model_config=None):
     """Train or sample with `model_config` (a whole dict like modelConfig; keys it leaves out
     take modelConfig's values)."""
-    run_state(model_config, modelConfig, train, eval)
+    run_state(model_config, modelConfig, train, eval, fid)
 
 
 if __name__ == "__main__":

@@ -80,7 +80,7 @@ FLOAT_OR_FLOAT_LIST = Kind(
                                         and all(_is_number(v) for v in value)))
 
 KINDS = {
-    "state": _choice("train", "eval"),
+    "state": _choice("train", "eval", "fid"),
     "epoch": INT,
     "batch_size": INT,
     "T": INT,
@@ -115,10 +115,23 @@ KINDS = {
     "w": FLOAT_OR_FLOAT_LIST,
     "p_uncond": FLOAT,
     "labels": _optional(INT_LIST),
+    "sampler": _choice("ddpm", "ddim"),
+    "sample_steps": _optional(INT),
+    "eta": FLOAT,
+    "skip_type": _choice("uniform", "quadratic"),
+    "variance": _choice("fixedlarge", "fixedsmall"),
+    "process_frames": INT,
+    "sampledProcessImgName": STR,
+    "sampledProcessGifName": STR,
+    "num_samples": INT,
+    "export_dir": STR,
+    "fid_images": _optional(STR),
+    "fid_extractor": STR,
+    "fid_stats_dir": STR,
 }
 
 MEANINGS = {
-    "state": "train a model, or eval: sample image grids from a checkpoint",
+    "state": "train a model; eval: sample image grids from a checkpoint; fid: FID and IS of samples",
     "epoch": "passes over the training set",
     "batch_size": "images per training step; images sampled by eval",
     "T": "diffusion steps",
@@ -154,6 +167,19 @@ MEANINGS = {
     "w": "guidance weight: eps = (1 + w) eps(x, c) - w eps(x); a list gives one grid per value",
     "p_uncond": "probability that a training example's label is replaced by the null label",
     "labels": "classes eval samples, one per row (None: every class)",
+    "sampler": "ddpm: Algorithm 2 (respaced when sample_steps < T); ddim: DDIM (Song et al. 2021)",
+    "sample_steps": "network evaluations per sample, out of T (None: all T)",
+    "eta": "DDIM's noise: 0 deterministic, 1 as DDPM's posterior variance (ddim only)",
+    "skip_type": "which sample_steps timesteps are visited: uniform or quadratic (as DDIM)",
+    "variance": "sigma_t^2 of ddpm: fixedlarge beta_t (the original) or fixedsmall (the posterior's)",
+    "process_frames": "columns of the process picture and frames of its GIF (0: neither)",
+    "sampledProcessImgName": "file name of the picture of the denoising process: x_t and predicted x_0",
+    "sampledProcessGifName": "file name of the animated GIF of the grid from noise to samples",
+    "num_samples": "images eval exports as single PNGs into export_dir (0: none); fid scores them",
+    "export_dir": "folder of the exported samples (MainCondition.py: a subfolder per w)",
+    "fid_images": "folder of images that state fid scores (None: the checkpoint's num_samples samples)",
+    "fid_extractor": "features of FID and IS: inception (downloaded once) or a StandInClassifier file",
+    "fid_stats_dir": "folder caching the training set's FID statistics",
 }
 
 
@@ -243,7 +269,29 @@ def _labels(config):
         return f"labels must list class indices (0, 1, ...), not {config['labels']}."
 
 
-CHECKS = [_counts, _channels, _attn_levels, _image_size, _schedule, _device, _labels]
+def _sampling(config):
+    steps = config["sample_steps"] or config["T"]
+    if not 1 <= steps <= config["T"]:
+        return (f"sample_steps must be between 1 and T = {config['T']} (or None for all T), not "
+                f"{config['sample_steps']}.")
+    if not 0 <= config["eta"] <= 1:
+        return f"eta must be between 0 (deterministic DDIM) and 1, not {config['eta']}."
+    frames = config["process_frames"]
+    if frames and not 2 <= frames <= steps + 1:
+        return (f"process_frames must be 0 (no process picture) or between 2 and {steps + 1} (x_T "
+                f"and the state after each of the {steps} sampling steps), not {frames}.")
+    if config["num_samples"] < 0:
+        return f"num_samples must be 0 (no export) or more, not {config['num_samples']}."
+    if not config["sampledProcessGifName"].lower().endswith(".gif"):
+        return (f"sampledProcessGifName must end with .gif, not {config['sampledProcessGifName']!r}: "
+                f"the process is written as an animated GIF.")
+    if config["state"] == "fid" and config["fid_images"] is None and config["num_samples"] < 2:
+        return (f"state fid scores num_samples samples of test_load_weight, but num_samples is "
+                f"{config['num_samples']}: set it (the papers use 50000), or set fid_images to a "
+                f"folder of images.")
+
+
+CHECKS = [_counts, _channels, _attn_levels, _image_size, _schedule, _device, _labels, _sampling]
 
 
 def _argument_type(key):
@@ -295,10 +343,10 @@ def parse_command_line(defaults, argv=None, description=None):
         parser.error(str(error))
 
 
-def run_state(model_config, defaults, train, eval):
-    """Check `model_config` (None: `defaults`) and run train or eval as its "state" says."""
+def run_state(model_config, defaults, train, eval, fid):
+    """Check `model_config` (None: `defaults`) and run train, eval or fid as its "state" says."""
     config = check_config(model_config if model_config is not None else defaults, defaults)
-    (train if config["state"] == "train" else eval)(config)
+    {"train": train, "eval": eval, "fid": fid}[config["state"]](config)
 
 
 def run_from_command_line(main, defaults, description):

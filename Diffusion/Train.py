@@ -1,15 +1,15 @@
-"""Training (Algorithm 1 over a dataset, with the original's optimizer and schedule) and eval
-(Algorithm 2 from a checkpoint, saved as image grids) of the unconditional DDPM.
+"""Training (Algorithm 1 over a dataset, with the original's optimizer and schedule), eval (the
+configured sampler from a checkpoint: image grids, the denoising process, exported samples) and
+fid (FID and IS of samples) of the unconditional DDPM.
 
-`fit`, `starting_noise` and `save_grid` are the recipe steps the class-conditional model
-(DiffusionFreeGuidence/TrainCondition.py) shares.
+`fit` is the recipe step the class-conditional model (DiffusionFreeGuidence/TrainCondition.py)
+shares; the sampling steps are shared through Sampling.py, Process.py, Export.py and Metrics.py.
 """
 import os
 import warnings
 
 import torch
 from torch.optim.lr_scheduler import CosineAnnealingLR
-from torchvision.utils import save_image
 from tqdm import tqdm
 
 from Diffusion.Checkpoint import (
@@ -22,11 +22,17 @@ from Diffusion.Checkpoint import (
 )
 from Diffusion.Config import ConfigError
 from Diffusion.Data import training_dataset, training_loader
-from Diffusion.Diffusion import GaussianDiffusionSampler, GaussianDiffusionTrainer
+from Diffusion.Diffusion import GaussianDiffusionTrainer
+from Diffusion.Export import export_samples
+from Diffusion.Images import save_grid, starting_noise
+from Diffusion.Metrics import report_scores
 from Diffusion.Model import UNet
+from Diffusion.Process import ProcessRecorder, save_process_gif, save_process_picture
+from Diffusion.Sampling import sampler_of, steps_of
 from Scheduler import GradualWarmupScheduler
 
 PROGRESS_EVERY = 10  # batches between progress-bar updates (each one waits for the device)
+PROCESS_ROWS = 8  # samples shown in the picture of the denoising process
 
 
 def unet_of(config):
@@ -133,29 +139,48 @@ def resume(config, model, optimizer, scheduler, folder, device):
     return first_epoch
 
 
-def starting_noise(count, img_size, device):
-    """x_T ~ N(0, I): [count, 3, img_size, img_size]."""
-    return torch.randn(count, 3, img_size, img_size, device=device)
-
-
-def save_grid(images, folder, name, nrow):
-    """Images [N, 3, H, W] in [-1, 1] -> one PNG grid of `nrow` images per row."""
-    os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, name)
-    save_image((images * 0.5 + 0.5).clamp(0., 1.), path, nrow=nrow)
-    tqdm.write(f"wrote {path}")
+def trained_model(config, device):
+    """The UNet of config with the weights of test_load_weight, on `device`, in eval mode."""
+    model = unet_of(config)
+    load_weights(model, config["save_weight_dir"], config["test_load_weight"], config, device)
+    return model.to(device).eval()
 
 
 def eval(modelConfig):
-    """Sample batch_size images from test_load_weight; save the noise and the samples."""
+    """Sample batch_size images from test_load_weight; save the noise, the samples and the
+    denoising process; export num_samples single images."""
     config = modelConfig
     device = torch.device(config["device"])
     seed_everything(config["seed"])
-    model = unet_of(config)
-    load_weights(model, config["save_weight_dir"], config["test_load_weight"], config, device)
-    model.to(device).eval()
-    sampler = GaussianDiffusionSampler(model, config["beta_1"], config["beta_T"], config["T"],
-                                       clip_denoised=config["clip_denoised"]).to(device)
+    sampler = sampler_of(config, trained_model(config, device))
     x_T = starting_noise(config["batch_size"], config["img_size"], device)
     save_grid(x_T, config["sampled_dir"], config["sampledNoisyImgName"], config["nrow"])
-    save_grid(sampler(x_T), config["sampled_dir"], config["sampledImgName"], config["nrow"])
+    process = ProcessRecorder(steps_of(config), config["process_frames"])
+    x_0 = sampler(x_T, on_step=process if config["process_frames"] else None)
+    save_grid(x_0, config["sampled_dir"], config["sampledImgName"], config["nrow"])
+    if config["process_frames"]:
+        process.finish(x_0)
+        save_process_picture(process.x_t[:, :PROCESS_ROWS], process.x_0[:, :PROCESS_ROWS],
+                             config["sampled_dir"], config["sampledProcessImgName"])
+        save_process_gif(process.x_t, config["nrow"], config["sampled_dir"], config["sampledProcessGifName"])
+    if config["num_samples"]:
+        export(config, sampler)
+
+
+def export(config, sampler):
+    """num_samples samples of `sampler` as PNG files in export_dir."""
+    device = torch.device(config["device"])
+    export_samples(lambda first, count: sampler(starting_noise(count, config["img_size"], device)),
+                   config["export_dir"], config["num_samples"], config["batch_size"], config["seed"])
+
+
+def fid(modelConfig):
+    """FID and IS against the training set of fid_images or, when that is None, of num_samples
+    samples of test_load_weight, exported into export_dir first (continuing an earlier export)."""
+    config = modelConfig
+    folder = config["fid_images"]
+    if folder is None:
+        device = torch.device(config["device"])
+        export(config, sampler_of(config, trained_model(config, device)))
+        folder = config["export_dir"]
+    report_scores(config, {"samples": folder})
