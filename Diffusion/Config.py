@@ -172,7 +172,7 @@ MEANINGS = {
     "eta": "DDIM's noise: 0 deterministic, 1 as DDPM's posterior variance (ddim only)",
     "skip_type": "which sample_steps timesteps are visited: uniform or quadratic (as DDIM)",
     "variance": "sigma_t^2 of ddpm: fixedlarge beta_t (the original) or fixedsmall (the posterior's)",
-    "process_frames": "columns of the process picture and frames of its GIF (0: neither)",
+    "process_frames": "columns of the process picture and frames of its GIF, at most sample_steps + 1 (0: neither)",
     "sampledProcessImgName": "file name of the picture of the denoising process: x_t and predicted x_0",
     "sampledProcessGifName": "file name of the animated GIF of the grid from noise to samples",
     "num_samples": "images eval exports as single PNGs into export_dir (0: none); fid scores them",
@@ -270,16 +270,15 @@ def _labels(config):
 
 
 def _sampling(config):
-    steps = config["sample_steps"] or config["T"]
+    steps = config["T"] if config["sample_steps"] is None else config["sample_steps"]
     if not 1 <= steps <= config["T"]:
         return (f"sample_steps must be between 1 and T = {config['T']} (or None for all T), not "
                 f"{config['sample_steps']}.")
     if not 0 <= config["eta"] <= 1:
         return f"eta must be between 0 (deterministic DDIM) and 1, not {config['eta']}."
-    frames = config["process_frames"]
-    if frames and not 2 <= frames <= steps + 1:
-        return (f"process_frames must be 0 (no process picture) or between 2 and {steps + 1} (x_T "
-                f"and the state after each of the {steps} sampling steps), not {frames}.")
+    if config["process_frames"] == 1 or config["process_frames"] < 0:
+        return (f"process_frames must be 0 (no process picture) or at least 2 (x_T and the "
+                f"samples), not {config['process_frames']}.")
     if config["num_samples"] < 0:
         return f"num_samples must be 0 (no export) or more, not {config['num_samples']}."
     if not config["sampledProcessGifName"].lower().endswith(".gif"):

@@ -37,7 +37,7 @@ class StandInClassifier(nn.Module):
         super().__init__()
         def conv(channels_in, channels_out):
             return nn.Sequential(nn.Conv2d(channels_in, channels_out, 3, padding=1),
-                                 nn.GroupNorm(8, channels_out), nn.SiLU())
+                                 nn.GroupNorm(4, channels_out), nn.SiLU())
         self.body = nn.Sequential(conv(3, width), nn.MaxPool2d(2), conv(width, 2 * width), nn.MaxPool2d(2),
                                   conv(2 * width, 4 * width), nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.head = nn.Linear(4 * width, num_classes)

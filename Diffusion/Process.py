@@ -13,9 +13,15 @@ from torchvision.utils import make_grid
 from tqdm import tqdm
 
 from Diffusion.Images import grid_of, save_grid
+from Diffusion.Sampling import steps_of
 
 FRAME_MILLISECONDS = 150  # each GIF frame, but the last
 LAST_FRAME_MILLISECONDS = 2000  # the samples stay a while before the loop starts again
+
+
+def frames_of(config):
+    """How many states the process shows: process_frames, but no more than there are."""
+    return min(config["process_frames"], steps_of(config) + 1)
 
 
 class ProcessRecorder:

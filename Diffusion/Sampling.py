@@ -19,7 +19,7 @@ SAMPLERS = ("ddpm", "ddim")
 
 def steps_of(config):
     """How many network evaluations one sample takes: sample_steps, or T when it is None."""
-    return config["sample_steps"] or config["T"]
+    return config["T"] if config["sample_steps"] is None else config["sample_steps"]
 
 
 def timesteps_of(config):

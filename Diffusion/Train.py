@@ -27,7 +27,7 @@ from Diffusion.Export import export_samples
 from Diffusion.Images import save_grid, starting_noise
 from Diffusion.Metrics import report_scores
 from Diffusion.Model import UNet
-from Diffusion.Process import ProcessRecorder, save_process_gif, save_process_picture
+from Diffusion.Process import ProcessRecorder, frames_of, save_process_gif, save_process_picture
 from Diffusion.Sampling import sampler_of, steps_of
 from Scheduler import GradualWarmupScheduler
 
@@ -155,7 +155,7 @@ def eval(modelConfig):
     sampler = sampler_of(config, trained_model(config, device))
     x_T = starting_noise(config["batch_size"], config["img_size"], device)
     save_grid(x_T, config["sampled_dir"], config["sampledNoisyImgName"], config["nrow"])
-    process = ProcessRecorder(steps_of(config), config["process_frames"])
+    process = ProcessRecorder(steps_of(config), frames_of(config))
     x_0 = sampler(x_T, on_step=process if config["process_frames"] else None)
     save_grid(x_0, config["sampled_dir"], config["sampledImgName"], config["nrow"])
     if config["process_frames"]:

@@ -17,7 +17,7 @@ from Diffusion.Data import training_dataset
 from Diffusion.Export import export_samples
 from Diffusion.Images import save_grid, starting_noise
 from Diffusion.Metrics import report_scores
-from Diffusion.Process import ProcessRecorder, save_process_gif, save_process_picture
+from Diffusion.Process import ProcessRecorder, frames_of, save_process_gif, save_process_picture
 from Diffusion.Sampling import sampler_of, steps_of
 from Diffusion.Train import fit, seed_everything
 from DiffusionFreeGuidence.ModelCondition import UNet
@@ -107,7 +107,7 @@ def eval(modelConfig):
     samples, processes = [], []
     for w in weights:
         torch.manual_seed(noise_seed)  # the same noise at every step for every w
-        processes.append(ProcessRecorder(steps_of(config), config["process_frames"]))
+        processes.append(ProcessRecorder(steps_of(config), frames_of(config)))
         on_step = processes[-1] if config["process_frames"] else None
         samples.append(sampler_of(config, model, w)(x_T, labels, on_step=on_step))
     save_grid(side_by_side(samples, per_class), config["sampled_dir"], config["sampledImgName"], len(weights))
@@ -128,7 +128,7 @@ def save_process(config, processes, samples, per_class):
                          torch.cat([p.x_0[:, first_of_each_class] for p in processes], dim=1),
                          config["sampled_dir"], config["sampledProcessImgName"])
     frames = torch.stack([side_by_side([p.x_t[frame] for p in processes], per_class)
-                          for frame in range(config["process_frames"])])
+                          for frame in range(frames_of(config))])
     save_process_gif(frames, len(processes), config["sampled_dir"], config["sampledProcessGifName"])
 
 
