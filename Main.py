@@ -3,6 +3,8 @@
     python Main.py                        # train
     python Main.py --state eval           # sample grids from test_load_weight
     python Main.py --epoch 1 --batch_size 16 --channel_mult 1,2,2   # any key, see --help
+    python Main.py --state eval --sampler ddim --sample_steps 100   # DDIM, 10x faster
+    python Main.py --state fid --num_samples 50000   # export samples, then FID and IS
 """
 import torch
 

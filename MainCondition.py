@@ -3,6 +3,7 @@
     python MainCondition.py                     # train
     python MainCondition.py --state eval        # one row per class, guided by w
     python MainCondition.py --state eval --w 0,1.8,4   # a grid per w, side by side
+    python MainCondition.py --state eval --sampler ddim --sample_steps 100   # guided DDIM
 """
 import torch
 

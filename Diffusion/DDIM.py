@@ -1,10 +1,11 @@
 """Denoising diffusion implicit models (Song, Meng & Ermon 2021, arXiv:2010.02502): sampling a
 model trained by Algorithm 1 in S << T steps, deterministic at eta = 0.
 
-With x_0 predicted from x_t (Eq. 9) and tau_{i-1} the timestep visited after tau_i, Eq. 12:
+With x_t at t = tau_i, s = tau_{i-1} the timestep visited next (abar_s = 1 after tau_0), and
+x_0 predicted from x_t (Eq. 9), Eq. 12:
 
-    x_{tau_{i-1}} = sqrt(abar_{tau_{i-1}}) x_0 + sqrt(1 - abar_{tau_{i-1}} - sigma_i^2) eps_theta(x_t, t) + sigma_i z
-    sigma_i = eta sqrt((1 - abar_{tau_{i-1}}) / (1 - abar_{tau_i})) sqrt(1 - abar_{tau_i} / abar_{tau_{i-1}})    (Eq. 16)
+    x_s = sqrt(abar_s) x_0 + sqrt(1 - abar_s - sigma_i^2) eps_theta(x_t, t) + sigma_i z
+    sigma_i = eta sqrt((1 - abar_s) / (1 - abar_t)) sqrt(1 - abar_t / abar_s)          (Eq. 16)
 
 eta = 1 with every step visited is Algorithm 2 with the posterior variance ("fixedsmall");
 eta = 0 is an ODE whose steps can also be run forwards, from an image to its x_T (`encode`).

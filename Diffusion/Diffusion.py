@@ -54,11 +54,11 @@ class GaussianDiffusionTrainer(nn.Module):
 
 
 def sampling_timesteps(T, steps, skip_type="uniform"):
-    """The timesteps tau_1 < ... < tau_S that a sampler visits (0-based), long [S], as the DDIM
+    """The timesteps tau_0 < ... < tau_{S-1} that a sampler visits (0-based), long [S], as the DDIM
     paper chooses them (Song et al. 2021, Sec. 4.2 and Appendix D.2):
 
         uniform:    tau_i = floor(i T / S)                          (every T/S-th step)
-        quadratic:  tau_i = floor(c i^2), with tau_S = floor(0.8 T) (denser near the data)
+        quadratic:  tau_i = floor(c i^2), the last one floor(0.8 T)   (denser near the data)
 
     for i = 0 .. S-1. Where the quadratic rule repeats a step (S > sqrt(0.8 T) + 1), each repeat
     is moved one past its predecessor, so that every one of the S network evaluations counts.

@@ -86,7 +86,8 @@ def inception_extractor():
         from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
         from torchmetrics.image.fid import NoTrainInceptionV3
     except ImportError as error:
-        raise ConfigError(f"FID with Inception needs torch-fidelity, which is not installed ({error}): {INSTALL}.") from None
+        raise ConfigError(f"FID with Inception needs torch-fidelity, which is not installed "
+                          f"({error}): {INSTALL}.") from None
     path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(URL_INCEPTION_V3))
     if not os.path.isfile(path):
         try:
@@ -95,7 +96,9 @@ def inception_extractor():
             raise ConfigError(f"could not download the FID Inception weights ({error}): on a machine "
                               f"that is online, download {URL_INCEPTION_V3} into {os.path.dirname(path)}; "
                               f"or set fid_extractor to a stand-in classifier's weights.") from None
-    load_tensors(path, "cpu")  # weights_only: the file holds tensors and nothing else, before torch-fidelity reads it
+    # torch-fidelity reads the file with weights_only=False; read it with True first, which
+    # refuses anything but tensors.
+    load_tensors(path, "cpu")
     inception = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048", "logits_unbiased"],
                                    feature_extractor_weights_path=path, antialias=False)
     inception.num_features = 2048

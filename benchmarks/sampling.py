@@ -150,9 +150,10 @@ def main():
         batch_size = args.batch_size or (80 if device.type == "cuda" else 8)
         rows = speed_rows(args.speed, batch_size, device)
         print(f"| {args.speed} models, T = 1000, batch {batch_size} | s/image unguided | s/image guided "
-              f"| speed-up over DDPM-1000 |\n| --- | --- | --- | --- |")
+              f"| speed-up unguided | speed-up guided |\n| --- | --- | --- | --- | --- |")
         for name, unguided, guided in rows:
-            print(f"| {name} | {unguided:.3f} | {guided:.3f} | {rows[0][1] / unguided:.1f}x |")
+            print(f"| {name} | {unguided:.3f} | {guided:.3f} | {rows[0][1] / unguided:.1f}x "
+                  f"| {rows[0][2] / guided:.1f}x |")
     if args.fid_dir:
         scores = fid_rows(args, device)
         print(f"\n| {args.num_samples} images | FID (stand-in features) | IS (stand-in) |\n| --- | --- | --- |")

@@ -24,7 +24,7 @@ import MainCondition  # noqa: E402
 from Diffusion.Diffusion import GaussianDiffusionTrainer  # noqa: E402
 from Diffusion.Model import AttnBlock  # noqa: E402
 from Diffusion.Train import unet_of  # noqa: E402
-from DiffusionFreeGuidence.DiffusionCondition import ClassifierFreeGuidence  # noqa: E402
+from DiffusionFreeGuidence.DiffusionCondition import ClassifierFreeGuidance  # noqa: E402
 from DiffusionFreeGuidence.TrainCondition import unet_of as conditional_unet_of  # noqa: E402
 
 
@@ -87,7 +87,7 @@ def main():
         t = torch.full((B,), 10, device=device)
         with torch.no_grad():
             if condition:
-                guided = ClassifierFreeGuidence(model, w=1.8)
+                guided = ClassifierFreeGuidance(model, w=1.8)
                 one_pass = seconds(lambda: guided(x, t, condition[0]), args.min_run_time)
                 two_passes = seconds(lambda: (model(x, t, condition[0]), model(x, t, torch.zeros_like(condition[0]))),
                                      args.min_run_time)
