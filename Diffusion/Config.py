@@ -8,11 +8,13 @@ import argparse
 import difflib
 import json
 import math
+import os
 import sys
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
+from PIL import Image
 
 from Diffusion.Model import DOWNSAMPLE_PADDINGS
 
@@ -281,6 +283,10 @@ def _sampling(config):
                 f"samples), not {config['process_frames']}.")
     if config["num_samples"] < 0:
         return f"num_samples must be 0 (no export) or more, not {config['num_samples']}."
+    extension = os.path.splitext(config["sampledProcessImgName"])[1].lower()
+    if extension not in Image.registered_extensions():
+        return (f"sampledProcessImgName {config['sampledProcessImgName']!r} does not end with an "
+                f"image file extension: use .png (or .jpg, ...).")
     if not config["sampledProcessGifName"].lower().endswith(".gif"):
         return (f"sampledProcessGifName must end with .gif, not {config['sampledProcessGifName']!r}: "
                 f"the process is written as an animated GIF.")

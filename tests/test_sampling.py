@@ -209,6 +209,7 @@ def test_sampler_of_passes_variance_eta_and_clipping():
     ({"eta": 1.5}, "eta"), ({"eta": -0.1}, "eta"),
     ({"process_frames": 1}, "process_frames"), ({"process_frames": -2}, "process_frames"),
     ({"num_samples": -1}, "num_samples"), ({"sampledProcessGifName": "process.png"}, ".gif"),
+    ({"sampledProcessImgName": "process"}, "sampledProcessImgName"),
     ({"state": "fid", "num_samples": 0}, "num_samples"),
     ({"sampler": "euler"}, "'sampler'"), ({"skip_type": "cubic"}, "'skip_type'"),
     ({"variance": "learned"}, "'variance'"),
