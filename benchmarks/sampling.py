@@ -46,7 +46,8 @@ SMALL = {"dataset": "FashionMNIST", "img_size": 16, "channel": 32, "channel_mult
 SAMPLERS = {"DDPM-1000": {"sampler": "ddpm", "sample_steps": None},
             "DDPM-100 (respaced)": {"sampler": "ddpm", "sample_steps": 100},
             "DDIM-100": {"sampler": "ddim", "sample_steps": 100, "eta": 0.},
-            "DDIM-50": {"sampler": "ddim", "sample_steps": 50, "eta": 0.}}
+            "DDIM-50": {"sampler": "ddim", "sample_steps": 50, "eta": 0.},
+            "DDIM-100-eta1": {"sampler": "ddim", "sample_steps": 100, "eta": 1.}}
 SPEED_SAMPLERS = ("DDPM-1000", "DDIM-100", "DDIM-50")
 
 
