@@ -3,15 +3,17 @@
     python Main.py                        # train
     python Main.py --state eval           # sample grids from test_load_weight
     python Main.py --epoch 1 --batch_size 16 --channel_mult 1,2,2   # any key, see --help
+    python Main.py --state eval --sampler ddim --sample_steps 100   # DDIM, 10x faster
+    python Main.py --state fid --num_samples 50000   # export samples, then FID and IS
 """
 import torch
 
 from Diffusion.Config import run_from_command_line, run_state
 from Diffusion.Data import default_num_workers
-from Diffusion.Train import eval, train
+from Diffusion.Train import eval, fid, train
 
 modelConfig = {
-    "state": "train",  # or "eval"
+    "state": "train",  # or "eval", "fid"
     "epoch": 200,
     "batch_size": 80,
     "T": 1000,
@@ -54,13 +56,26 @@ modelConfig = {
     "amp": "none",
     "compile": False,
     "channels_last": False,
+    "sampler": "ddpm",
+    "sample_steps": None,
+    "eta": 0.,
+    "skip_type": "uniform",
+    "variance": "fixedlarge",
+    "process_frames": 10,
+    "sampledProcessImgName": "ProcessNoGuidenceImgs.png",
+    "sampledProcessGifName": "ProcessNoGuidence.gif",
+    "num_samples": 0,
+    "export_dir": "./SampledImgs/NoGuidenceSamples/",
+    "fid_images": None,
+    "fid_extractor": "inception",
+    "fid_stats_dir": "./FidStats/",
 }
 
 
 def main(model_config=None):
     """Train or sample with `model_config` (a whole dict like modelConfig; keys it leaves out
     take modelConfig's values)."""
-    run_state(model_config, modelConfig, train, eval)
+    run_state(model_config, modelConfig, train, eval, fid)
 
 
 if __name__ == "__main__":

@@ -3,15 +3,16 @@
     python MainCondition.py                     # train
     python MainCondition.py --state eval        # one row per class, guided by w
     python MainCondition.py --state eval --w 0,1.8,4   # a grid per w, side by side
+    python MainCondition.py --state eval --sampler ddim --sample_steps 100   # guided DDIM
 """
 import torch
 
 from Diffusion.Config import run_from_command_line, run_state
 from Diffusion.Data import default_num_workers
-from DiffusionFreeGuidence.TrainCondition import eval, train
+from DiffusionFreeGuidence.TrainCondition import eval, fid, train
 
 modelConfig = {
-    "state": "train",  # or "eval"
+    "state": "train",  # or "eval", "fid"
     "epoch": 70,
     "batch_size": 80,
     "T": 500,
@@ -55,13 +56,26 @@ modelConfig = {
     "amp": "none",
     "compile": False,
     "channels_last": False,
+    "sampler": "ddpm",
+    "sample_steps": None,
+    "eta": 0.,
+    "skip_type": "uniform",
+    "variance": "fixedlarge",
+    "process_frames": 10,
+    "sampledProcessImgName": "ProcessGuidenceImgs.png",
+    "sampledProcessGifName": "ProcessGuidence.gif",
+    "num_samples": 0,
+    "export_dir": "./SampledImgs/GuidenceSamples/",
+    "fid_images": None,
+    "fid_extractor": "inception",
+    "fid_stats_dir": "./FidStats/",
 }
 
 
 def main(model_config=None):
     """Train or sample with `model_config` (a whole dict like modelConfig; keys it leaves out
     take modelConfig's values)."""
-    run_state(model_config, modelConfig, train, eval)
+    run_state(model_config, modelConfig, train, eval, fid)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,13 @@ from typing import Any, Callable
 
 import torch
 
-from Diffusion.ConfigChecks import finite_numbers, image_names, training_options, writable_folders
+from Diffusion.ConfigChecks import (
+    finite_numbers,
+    image_names,
+    sampling_options,
+    training_options,
+    writable_folders,
+)
 from Diffusion.Interrupt import TrainingStopped
 from Diffusion.Model import DOWNSAMPLE_PADDINGS
 
@@ -91,7 +97,7 @@ FLOAT_OR_FLOAT_LIST = Kind(
                                         and all(_is_number(v) for v in value)))
 
 KINDS = {
-    "state": _choice("train", "eval"),
+    "state": _choice("train", "eval", "fid"),
     "epoch": INT,
     "batch_size": INT,
     "T": INT,
@@ -139,10 +145,23 @@ KINDS = {
     "amp": _choice("none", "bf16", "fp16"),
     "compile": BOOL,
     "channels_last": BOOL,
+    "sampler": _choice("ddpm", "ddim"),
+    "sample_steps": _optional(INT),
+    "eta": FLOAT,
+    "skip_type": _choice("uniform", "quadratic"),
+    "variance": _choice("fixedlarge", "fixedsmall"),
+    "process_frames": INT,
+    "sampledProcessImgName": STR,
+    "sampledProcessGifName": STR,
+    "num_samples": INT,
+    "export_dir": STR,
+    "fid_images": _optional(STR),
+    "fid_extractor": STR,
+    "fid_stats_dir": STR,
 }
 
 MEANINGS = {
-    "state": "train a model, or eval: sample image grids from a checkpoint",
+    "state": "train a model; eval: sample image grids from a checkpoint; fid: FID and IS of samples",
     "epoch": "passes over the training set",
     "batch_size": "images per training step; images sampled by eval",
     "T": "diffusion steps",
@@ -204,6 +223,19 @@ MEANINGS = {
 WHY_ABSENT = {
     "attn": "the class-conditional model's attention is fixed (self-attention after every "
             "down-path block, as the original); leave it out",
+    "sampler": "ddpm: Algorithm 2 (respaced when sample_steps < T); ddim: DDIM (Song et al. 2021)",
+    "sample_steps": "network evaluations per sample, out of T (None: all T)",
+    "eta": "DDIM's noise: 0 deterministic, 1 as DDPM's posterior variance (ddim only)",
+    "skip_type": "which sample_steps timesteps are visited: uniform or quadratic (as DDIM)",
+    "variance": "sigma_t^2 of ddpm: fixedlarge beta_t (the original) or fixedsmall (the posterior's)",
+    "process_frames": "columns of the process picture and frames of its GIF, at most sample_steps + 1 (0: neither)",
+    "sampledProcessImgName": "file name of the picture of the denoising process: x_t and predicted x_0",
+    "sampledProcessGifName": "file name of the animated GIF of the grid from noise to samples",
+    "num_samples": "images eval exports as single PNGs into export_dir (0: none); fid scores them",
+    "export_dir": "folder of the exported samples (MainCondition.py: a subfolder per w)",
+    "fid_images": "folder of images that state fid scores (None: the checkpoint's num_samples samples)",
+    "fid_extractor": "features of FID and IS: inception (downloaded once) or a StandInClassifier file",
+    "fid_stats_dir": "folder caching the training set's FID statistics",
 }
 
 
@@ -302,7 +334,7 @@ def _labels(config):
 
 
 CHECKS = [finite_numbers, _counts, _channels, _attn_levels, _image_size, _schedule, _device, _labels,
-          image_names, writable_folders, training_options]
+          image_names, writable_folders, training_options, sampling_options]
 
 
 def _argument_type(key):
@@ -353,10 +385,10 @@ def parse_command_line(defaults, argv=None, description=None):
         parser.error(str(error))
 
 
-def run_state(model_config, defaults, train, eval):
-    """Check `model_config` (None: `defaults`) and run train or eval as its "state" says."""
+def run_state(model_config, defaults, train, eval, fid):
+    """Check `model_config` (None: `defaults`) and run train, eval or fid as its "state" says."""
     config = check_config(model_config if model_config is not None else defaults, defaults)
-    (train if config["state"] == "train" else eval)(config)
+    {"train": train, "eval": eval, "fid": fid}[config["state"]](config)
 
 
 def run_from_command_line(main, defaults, description):

@@ -1,6 +1,6 @@
 """Checks of config values that their kind alone does not catch, run before any work: numbers
 that are not finite, image file names PIL cannot write, folders the run cannot write to, and
-the training options (EMA, snapshots, the log, mixed precision).
+the training options (EMA, snapshots, the log, mixed precision) and the sampling ones.
 
 Each check takes the whole config and returns the one-sentence message of a ConfigError, or
 None. They only look: nothing is created, so a refused config leaves no trace.
@@ -13,9 +13,10 @@ import os
 import torch
 from PIL import Image
 
-IMAGE_NAME_KEYS = ("sampledNoisyImgName", "sampledImgName")
+IMAGE_NAME_KEYS = ("sampledNoisyImgName", "sampledImgName", "sampledProcessImgName")
 # The folder each state writes to: checkpoints when training, image grids when sampling.
-WRITTEN_FOLDER_KEYS = {"train": ("save_weight_dir", "save_dir"), "eval": ("sampled_dir",)}
+WRITTEN_FOLDER_KEYS = {"train": ("save_weight_dir", "save_dir"), "eval": ("sampled_dir", "export_dir"),
+                       "fid": ("fid_stats_dir", "export_dir")}
 
 
 def _is_finite(value):
@@ -103,3 +104,25 @@ def training_options(config):
         return f"save_state_minutes must be a positive number, not {minutes}."
     if config.get("amp") == "fp16" and torch.device(config["device"]).type != "cuda":
         return "amp fp16 needs a CUDA device; on a CPU use amp bf16 (or none)."
+
+
+def sampling_options(config):
+    """The samplers, the process picture, the export and FID."""
+    steps = config["T"] if config["sample_steps"] is None else config["sample_steps"]
+    if not 1 <= steps <= config["T"]:
+        return (f"sample_steps must be between 1 and T = {config['T']} (or None for all T), not "
+                f"{config['sample_steps']}.")
+    if not 0 <= config["eta"] <= 1:
+        return f"eta must be between 0 (deterministic DDIM) and 1, not {config['eta']}."
+    if config["process_frames"] == 1 or config["process_frames"] < 0:
+        return (f"process_frames must be 0 (no process picture) or at least 2 (x_T and the "
+                f"samples), not {config['process_frames']}.")
+    if config["num_samples"] < 0:
+        return f"num_samples must be 0 (no export) or more, not {config['num_samples']}."
+    if not config["sampledProcessGifName"].lower().endswith(".gif"):
+        return (f"sampledProcessGifName must end with .gif, not {config['sampledProcessGifName']!r}: "
+                f"the process is written as an animated GIF.")
+    if config["state"] == "fid" and config["fid_images"] is None and config["num_samples"] < 2:
+        return (f"state fid scores num_samples samples of test_load_weight, but num_samples is "
+                f"{config['num_samples']}: set it (the papers use 50000), or set fid_images to a "
+                f"folder of images.")

@@ -1,10 +1,14 @@
-"""Gaussian diffusion (Ho et al. 2020): training by Algorithm 1, sampling by Algorithm 2.
+"""Gaussian diffusion (Ho et al. 2020): training by Algorithm 1, sampling by Algorithm 2, on all
+T steps or on a shorter respaced schedule (Nichol & Dhariwal 2021). `Sampler` is the reverse
+loop every sampler shares (DDIM's is in DDIM.py).
 
 Notation of the paper: betas beta_t, alphas alpha_t = 1 - beta_t, alphas_bar
 abar_t = prod_{s<=t} alpha_s. Timesteps are 0-based here: index t = 0..T-1 is the paper's
 t = 1..T. The schedule is computed in float64 and each coefficient is cast to float32 when
 used, as the original.
 """
+import math
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -54,65 +58,86 @@ class GaussianDiffusionTrainer(nn.Module):
         return F.mse_loss(self.model(x_t, t, *condition), noise, reduction="none")
 
 
-class GaussianDiffusionSampler(nn.Module):
-    """Algorithm 2: x_T ~ N(0, I), then for t = T..1
+def sampling_timesteps(T, steps, skip_type="uniform"):
+    """The timesteps tau_0 < ... < tau_{S-1} that a sampler visits (0-based), long [S], as the DDIM
+    paper chooses them (Song et al. 2021, Sec. 4.2 and Appendix D.2):
 
-        x_{t-1} = 1/sqrt(alpha_t) (x_t - beta_t / sqrt(1 - abar_t) eps_theta(x_t, t)) + sigma_t z
+        uniform:    tau_i = floor(i T / S)                          (every T/S-th step)
+        quadratic:  tau_i = floor(c i^2), the last one floor(0.8 T)   (denser near the data)
 
-    with z ~ N(0, I) except at the last step, and sigma_t^2 = beta_t (the paper's "fixedlarge"
-    choice, as the original). clip_denoised: compute the mean through the predicted x_0,
-    clipped to [-1, 1], as the paper's own sampler did for its CIFAR-10 FID (Eq. 7 with
-    x_0 = (x_t - sqrt(1 - abar_t) eps_theta) / sqrt(abar_t)).
+    for i = 0 .. S-1. Where the quadratic rule repeats a step (S > sqrt(0.8 T) + 1), each repeat
+    is moved one past its predecessor, so that every one of the S network evaluations counts.
+    steps == T with "uniform" is every step 0 .. T-1, the original's Algorithm 2.
+    """
+    if skip_type == "uniform":
+        return torch.arange(steps, dtype=torch.float64).mul(T / steps).floor().long()
+    quadratic = torch.linspace(0., math.sqrt(0.8 * T), steps, dtype=torch.float64).square().long()
+    offsets = torch.arange(steps)
+    return torch.cummax(quadratic - offsets, dim=0).values + offsets
+
+
+def respaced_betas(betas, timesteps):
+    """The betas of the shorter diffusion that visits only `timesteps` (Nichol & Dhariwal 2021,
+    Sec. 4): beta_i = 1 - abar_{tau_i} / abar_{tau_{i-1}}, so that its alphas_bar are those of the
+    full schedule at tau. float64 [S]. Every step visited: `betas` itself, to the last bit."""
+    if len(timesteps) == len(betas):
+        return betas
+    alphas_bar = torch.cumprod(1. - betas, dim=0)[timesteps]
+    return 1. - alphas_bar / F.pad(alphas_bar, [1, 0], value=1.)[:-1]
+
+
+class Sampler(nn.Module):
+    """What every sampler shares: the reverse process from x_T ~ N(0, I) to x_0 over `timesteps`
+    (default: all T), one `step` per visited timestep, last to first.
+
+    The network runs in exactly one place, `noise_estimate`; the guided model plugs in there
+    (DiffusionFreeGuidence/DiffusionCondition.py), and so would mixed precision. Coefficient
+    tensors are indexed by i, the position in `timesteps` (equal to t when every step is taken).
     """
 
-    def __init__(self, model, beta_1, beta_T, T, clip_denoised=False):
+    def __init__(self, model, beta_1, beta_T, T, timesteps=None, clip_denoised=False):
         super().__init__()
         self.model = model
         self.T = T
         self.clip_denoised = clip_denoised
-        self.register_buffer("betas", linear_betas(beta_1, beta_T, T))
-        alphas = 1. - self.betas
-        alphas_bar = torch.cumprod(alphas, dim=0)
-        alphas_bar_prev = F.pad(alphas_bar, [1, 0], value=1.)[:T]
-
-        self.register_buffer("coeff1", (1. / alphas).sqrt())
-        self.register_buffer("coeff2", self.coeff1 * self.betas / (1. - alphas_bar).sqrt())
-        # Posterior q(x_{t-1} | x_t, x_0), Eqs. 6-7: its variance and the two weights of its mean.
-        posterior_var = self.betas * (1. - alphas_bar_prev) / (1. - alphas_bar)
-        self.register_buffer("posterior_mean_coef1", self.betas * alphas_bar_prev.sqrt() / (1. - alphas_bar))
-        self.register_buffer("posterior_mean_coef2", (1. - alphas_bar_prev) * alphas.sqrt() / (1. - alphas_bar))
+        self.register_buffer("timesteps", torch.arange(T) if timesteps is None else torch.as_tensor(timesteps))
+        self.register_buffer("betas", respaced_betas(linear_betas(beta_1, beta_T, T), self.timesteps))
+        alphas_bar = torch.cumprod(1. - self.betas, dim=0)
+        self.register_buffer("alphas_bar", alphas_bar)
+        self.register_buffer("alphas_bar_prev", F.pad(alphas_bar, [1, 0], value=1.)[:-1])
         self.register_buffer("sqrt_recip_alphas_bar", (1. / alphas_bar).sqrt())
         self.register_buffer("sqrt_recipm1_alphas_bar", (1. / alphas_bar - 1.).sqrt())
-        # sigma_t^2 = beta_t; the first entry (no noise is added there) is the posterior
-        # variance instead, as the original.
-        self.register_buffer("sample_var", torch.cat([posterior_var[1:2], self.betas[1:]]))
 
     def noise_estimate(self, x_t, t, *condition):
-        """eps_theta(x_t, t): [B, C, H, W]. The guided sampler replaces this."""
+        """eps_theta(x_t, t): [B, C, H, W], t [B] the model's timesteps (0..T-1)."""
         return self.model(x_t, t, *condition)
 
-    def p_mean_variance(self, x_t, t, *condition):
-        """The mean and variance of p_theta(x_{t-1} | x_t): [B, C, H, W] and [B, 1, 1, 1]."""
-        eps = self.noise_estimate(x_t, t, *condition)
-        if self.clip_denoised:
-            x_0 = (extract(self.sqrt_recip_alphas_bar, t, x_t.shape) * x_t
-                   - extract(self.sqrt_recipm1_alphas_bar, t, x_t.shape) * eps).clamp(-1., 1.)
-            mean = (extract(self.posterior_mean_coef1, t, x_t.shape) * x_0
-                    + extract(self.posterior_mean_coef2, t, x_t.shape) * x_t)
-        else:
-            mean = extract(self.coeff1, t, x_t.shape) * x_t - extract(self.coeff2, t, x_t.shape) * eps
-        return mean, extract(self.sample_var, t, x_t.shape)
+    def predict_x0(self, x_t, i, eps):
+        """x_0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t), Eq. 4 solved for x_0 (DDIM Eq. 9);
+        clipped to [-1, 1] with clip_denoised. [B, C, H, W]."""
+        x_0 = (extract(self.sqrt_recip_alphas_bar, i, x_t.shape) * x_t
+               - extract(self.sqrt_recipm1_alphas_bar, i, x_t.shape) * eps)
+        return x_0.clamp(-1., 1.) if self.clip_denoised else x_0
+
+    def step(self, x_t, i, *condition, last):
+        """One reverse step from x_t at positions i [B]: (x_{t-1}, predicted x_0). `last`: the
+        step to the data, which adds no noise."""
+        raise NotImplementedError
 
     @torch.no_grad()
-    def forward(self, x_T, *condition, progress=True):
-        """x_T [B, C, H, W] ~ N(0, I) -> x_0 [B, C, H, W], clipped to [-1, 1]."""
+    def forward(self, x_T, *condition, progress=True, on_step=None):
+        """x_T [B, C, H, W] ~ N(0, I) -> x_0 [B, C, H, W], clipped to [-1, 1].
+        on_step(x_t, x_0): called at each step with x_t and the x_0 predicted from it."""
         x_t = x_T
         has_nan = torch.zeros((), dtype=torch.bool, device=x_T.device)
-        for step in tqdm(reversed(range(self.T)), total=self.T, desc="sampling",
-                         disable=not progress, leave=False, dynamic_ncols=True):
-            t = torch.full((x_T.shape[0],), step, dtype=torch.long, device=x_T.device)
-            mean, var = self.p_mean_variance(x_t, t, *condition)
-            x_t = (mean + var.sqrt() * torch.randn_like(x_t)) if step > 0 else mean
+        steps = len(self.timesteps)
+        for index in tqdm(reversed(range(steps)), total=steps, desc="sampling",
+                          disable=not progress, leave=False, dynamic_ncols=True):
+            i = torch.full((x_T.shape[0],), index, dtype=torch.long, device=x_T.device)
+            x_prev, x_0 = self.step(x_t, i, *condition, last=index == 0)
+            if on_step is not None:
+                on_step(x_t, x_0)
+            x_t = x_prev
             has_nan |= x_t.isnan().any()  # stays on the device: no sync inside the loop
         if has_nan:
             raise FloatingPointError(
@@ -120,3 +145,49 @@ class GaussianDiffusionSampler(nn.Module):
                 "training; check the checkpoint (test_load_weight) and that beta_1, beta_T and T "
                 "are the ones it was trained with")
         return x_t.clip(-1., 1.)
+
+
+class GaussianDiffusionSampler(Sampler):
+    """Algorithm 2: x_T ~ N(0, I), then for t = T..1
+
+        x_{t-1} = 1/sqrt(alpha_t) (x_t - beta_t / sqrt(1 - abar_t) eps_theta(x_t, t)) + sigma_t z
+
+    with z ~ N(0, I) except at the last step. variance: sigma_t^2 = beta_t ("fixedlarge", the
+    original's) or the posterior variance beta~_t = (1 - abar_{t-1}) / (1 - abar_t) beta_t
+    ("fixedsmall"), the paper's two choices (Sec. 3.2). clip_denoised: compute the mean through
+    the predicted x_0, clipped to [-1, 1], as the paper's own sampler did for its CIFAR-10 FID
+    (Eq. 7). With fewer `timesteps` than T, this is Algorithm 2 on the respaced betas
+    (Nichol & Dhariwal 2021).
+    """
+
+    def __init__(self, model, beta_1, beta_T, T, clip_denoised=False, variance="fixedlarge",
+                 timesteps=None):
+        super().__init__(model, beta_1, beta_T, T, timesteps, clip_denoised)
+        betas, alphas_bar, alphas_bar_prev = self.betas, self.alphas_bar, self.alphas_bar_prev
+        alphas = 1. - betas
+        self.register_buffer("coeff1", (1. / alphas).sqrt())
+        self.register_buffer("coeff2", self.coeff1 * betas / (1. - alphas_bar).sqrt())
+        # Posterior q(x_{t-1} | x_t, x_0), Eqs. 6-7: its variance and the two weights of its mean.
+        posterior_var = betas * (1. - alphas_bar_prev) / (1. - alphas_bar)
+        self.register_buffer("posterior_mean_coef1", betas * alphas_bar_prev.sqrt() / (1. - alphas_bar))
+        self.register_buffer("posterior_mean_coef2", (1. - alphas_bar_prev) * alphas.sqrt() / (1. - alphas_bar))
+        # fixedlarge: sigma_t^2 = beta_t; its first entry (no noise is added there) is the
+        # posterior variance instead, as the original.
+        fixedlarge = torch.cat([posterior_var[1:2], betas[1:]])
+        self.register_buffer("sample_var", fixedlarge if variance == "fixedlarge" else posterior_var)
+
+    def p_mean_variance(self, x_t, i, *condition):
+        """The mean and variance of p_theta(x_{t-1} | x_t), [B, C, H, W] and [B, 1, 1, 1], and the
+        x_0 predicted on the way [B, C, H, W]; i [B]: positions in `timesteps`."""
+        eps = self.noise_estimate(x_t, self.timesteps[i], *condition)
+        x_0 = self.predict_x0(x_t, i, eps)
+        if self.clip_denoised:
+            mean = (extract(self.posterior_mean_coef1, i, x_t.shape) * x_0
+                    + extract(self.posterior_mean_coef2, i, x_t.shape) * x_t)
+        else:
+            mean = extract(self.coeff1, i, x_t.shape) * x_t - extract(self.coeff2, i, x_t.shape) * eps
+        return mean, extract(self.sample_var, i, x_t.shape), x_0
+
+    def step(self, x_t, i, *condition, last):
+        mean, var, x_0 = self.p_mean_variance(x_t, i, *condition)
+        return (mean if last else mean + var.sqrt() * torch.randn_like(x_t)), x_0

@@ -1,11 +1,13 @@
-"""Training (Algorithm 1 over a dataset, with the original's optimizer and schedule) and eval
-(Algorithm 2 from a checkpoint, saved as image grids) of the unconditional DDPM.
+"""Training (Algorithm 1 over a dataset, with the original's optimizer and schedule), eval (the
+configured sampler from a checkpoint: image grids, the denoising process, exported samples) and
+fid (FID and IS of samples) of the unconditional DDPM.
 
-`fit`, `starting_noise` and `save_grid` are the recipe steps the class-conditional model
-(DiffusionFreeGuidence/TrainCondition.py) shares. What the recipe calls lives in modules of its
-own: the training state and continuing a run (TrainingState.py), the EMA (EMA.py), the files of
-a run (RunFolder.py), the run log (RunLog.py), several processes (Distributed.py), the speed
-options (Speed.py) and the random numbers (Randomness.py).
+`fit` is the recipe step the class-conditional model (DiffusionFreeGuidence/TrainCondition.py)
+shares; the sampling steps are shared through Sampling.py, Process.py, Export.py and Metrics.py.
+What the training recipe calls lives in modules of its own: the training state and continuing a
+run (TrainingState.py), the EMA (EMA.py), the files of a run (RunFolder.py), the run log
+(RunLog.py), several processes (Distributed.py), the speed options (Speed.py) and the random
+numbers (Randomness.py).
 """
 import os
 import signal
@@ -13,13 +15,12 @@ import time
 
 import torch
 from torch.optim.lr_scheduler import CosineAnnealingLR
-from torchvision.utils import save_image
 from tqdm import tqdm
 
 from Diffusion.Checkpoint import load_into, write_run_info
 from Diffusion.Config import ConfigError
 from Diffusion.Data import training_dataset, training_loader
-from Diffusion.Diffusion import GaussianDiffusionSampler, GaussianDiffusionTrainer
+from Diffusion.Diffusion import GaussianDiffusionTrainer
 from Diffusion.Distributed import (
     EpochSampler,
     any_process,
@@ -28,17 +29,23 @@ from Diffusion.Distributed import (
     training_processes,
 )
 from Diffusion.EMA import EMA
+from Diffusion.Export import export_samples
+from Diffusion.Images import save_grid, starting_noise
 from Diffusion.Interrupt import StopRequests, TrainingStopped
+from Diffusion.Metrics import report_scores
 from Diffusion.Model import UNet
+from Diffusion.Process import ProcessRecorder, frames_of, save_process_gif, save_process_picture
 from Diffusion.Randomness import GlobalBatch, flip_left_right_at_random
 from Diffusion.RunFolder import disk_plan, is_snapshot_epoch, megabytes, save_snapshot
 from Diffusion.RunLog import Progress, RunLog
-from Diffusion.Speed import adamw, autocast, compiled, grad_scaler, memory_format_of, place
+from Diffusion.Sampling import sampler_of, steps_of
 from Diffusion.ScheduleCheck import warn_if_x_T_keeps_the_image
+from Diffusion.Speed import adamw, autocast, compiled, grad_scaler, memory_format_of, place
 from Diffusion.TrainingState import TrainingState, checkpoint_dir_key, start, weights_to_sample
 from Scheduler import GradualWarmupScheduler
 
 MAX_NON_FINITE_IN_A_ROW = 50  # skipped steps in a row after which training is given up
+PROCESS_ROWS = 8  # samples shown in the picture of the denoising process
 
 
 def unet_of(config):
@@ -210,37 +217,55 @@ def unconditional_preview(config):
     """preview(model) for the unconditional model: 16 samples, 4 per row."""
     def preview(model):
         device = next(model.parameters()).device
-        sampler = GaussianDiffusionSampler(model, config["beta_1"], config["beta_T"], config["T"],
-                                           clip_denoised=config["clip_denoised"]).to(device)
-        return sampler(starting_noise(16, config, device), progress=False), 4
+        return sampler_of(config, model)(starting_noise(16, config, device), progress=False), 4
     return preview
 
 
-def starting_noise(count, config, device):
-    """x_T ~ N(0, I): [count, img_channels, img_size, img_size]."""
-    return torch.randn(count, config["img_channels"], config["img_size"], config["img_size"], device=device)
-
-
-def save_grid(images, folder, name, nrow):
-    """Images [N, 3, H, W] in [-1, 1] -> one PNG grid of `nrow` images per row."""
-    os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, name)
-    save_image((images * 0.5 + 0.5).clamp(0., 1.), path, nrow=nrow)
-    tqdm.write(f"wrote {path}")
+def trained_model(config, device):
+    """The UNet of config with the weights eval samples from (the EMA's, unless use_ema is
+    false; see weights_to_sample), on `device`, in eval mode."""
+    model = unet_of(config)
+    folder, name = config["save_weight_dir"], config["test_load_weight"]
+    load_into(model, weights_to_sample(folder, name, config, device), os.path.join(folder, name), config)
+    return model.to(device).eval()
 
 
 def eval(modelConfig):
-    """Sample batch_size images from test_load_weight; save the noise and the samples."""
+    """Sample batch_size images from test_load_weight; save the noise, the samples and the
+    denoising process; export num_samples single images."""
     config = modelConfig
     warn_if_x_T_keeps_the_image(config)
     device = torch.device(config["device"])
     seed_everything(config["seed"])
-    model = unet_of(config)
-    folder, name = config["save_weight_dir"], config["test_load_weight"]
-    load_into(model, weights_to_sample(folder, name, config, device), os.path.join(folder, name), config)
-    model.to(device).eval()
-    sampler = GaussianDiffusionSampler(model, config["beta_1"], config["beta_T"], config["T"],
-                                       clip_denoised=config["clip_denoised"]).to(device)
+    sampler = sampler_of(config, trained_model(config, device))
     x_T = starting_noise(config["batch_size"], config, device)
     save_grid(x_T, config["sampled_dir"], config["sampledNoisyImgName"], config["nrow"])
-    save_grid(sampler(x_T), config["sampled_dir"], config["sampledImgName"], config["nrow"])
+    process = ProcessRecorder(steps_of(config), frames_of(config))
+    x_0 = sampler(x_T, on_step=process if config["process_frames"] else None)
+    save_grid(x_0, config["sampled_dir"], config["sampledImgName"], config["nrow"])
+    if config["process_frames"]:
+        process.finish(x_0)
+        save_process_picture(process.x_t[:, :PROCESS_ROWS], process.x_0[:, :PROCESS_ROWS],
+                             config["sampled_dir"], config["sampledProcessImgName"])
+        save_process_gif(process.x_t, config["nrow"], config["sampled_dir"], config["sampledProcessGifName"])
+    if config["num_samples"]:
+        export(config, sampler)
+
+
+def export(config, sampler):
+    """num_samples samples of `sampler` as PNG files in export_dir."""
+    device = torch.device(config["device"])
+    export_samples(lambda first, count: sampler(starting_noise(count, config, device)),
+                   config["export_dir"], config["num_samples"], config["batch_size"], config["seed"])
+
+
+def fid(modelConfig):
+    """FID and IS against the training set of fid_images or, when that is None, of num_samples
+    samples of test_load_weight, exported into export_dir first (continuing an earlier export)."""
+    config = modelConfig
+    folder = config["fid_images"]
+    if folder is None:
+        device = torch.device(config["device"])
+        export(config, sampler_of(config, trained_model(config, device)))
+        folder = config["export_dir"]
+    report_scores(config, {"samples": folder})

@@ -1,27 +1,30 @@
 """Classifier-free guidance (Ho & Salimans 2022).
 
 Training is Algorithm 1 with the class labels as one more model input, which Diffusion's
-GaussianDiffusionTrainer passes on (`trainer(x_0, labels)`). Sampling is Algorithm 2 with the
-guided noise estimate in place of eps_theta(x_t, t).
+GaussianDiffusionTrainer passes on (`trainer(x_0, labels)`). Sampling is any of Diffusion/'s
+samplers (Algorithm 2, DDIM) with the guided noise estimate in place of eps_theta(x_t, t): the
+sampler calls `ClassifierFreeGuidance(model, w)` where it would call the model.
 """
 import torch
+from torch import nn
 
-import Diffusion.Diffusion as unconditional
 from Diffusion.Diffusion import GaussianDiffusionTrainer
 
-__all__ = ["GaussianDiffusionSampler", "GaussianDiffusionTrainer"]
+__all__ = ["ClassifierFreeGuidance", "GaussianDiffusionTrainer"]
 
 
-class GaussianDiffusionSampler(unconditional.GaussianDiffusionSampler):
-    """Algorithm 2 steered by the guidance weight w: `sampler(x_T, labels)`, labels [B] in
-    1..num_labels. w = 0 samples from the conditional model alone."""
+class ClassifierFreeGuidance(nn.Module):
+    """The conditional UNet steered by the guidance weight w, as a noise model:
+    `guided(x_t, t, labels)`, labels [B] in 1..num_labels. w = 0 is the conditional model alone."""
 
-    def __init__(self, model, beta_1, beta_T, T, w=2., clip_denoised=False):
-        super().__init__(model, beta_1, beta_T, T, clip_denoised)
+    def __init__(self, model, w):
+        super().__init__()
+        self.model = model
         self.w = w
 
-    def noise_estimate(self, x_t, t, labels):
+    def forward(self, x_t, t, labels):
         """eps~ = (1 + w) eps_theta(x_t, t, c) - w eps_theta(x_t, t, null)   [B, C, H, W]
+        (Ho & Salimans Eq. 6).
 
         Both estimates come from one forward pass over a batch of 2B, conditional half then
         null half (label 0): the same numbers as two passes, half the kernel launches."""

@@ -2,7 +2,7 @@
 
 The recipe (optimizer, schedule, checkpoints, data) is Diffusion/Train.py's; what differs is
 the labels: shifted by one so that 0 is the null label, dropped at random while training, and
-the guided sampling of one class per grid row.
+the guided sampling of one class per grid row, for one or more guidance weights w.
 """
 import os
 from functools import partial
@@ -15,11 +15,16 @@ from Diffusion.Checkpoint import class_names, load_into, num_labels_of
 from Diffusion.Config import ConfigError
 from Diffusion.Data import training_dataset
 from Diffusion.Diffusion import SINGLE_PROCESS
+from Diffusion.Export import export_samples
+from Diffusion.Images import save_grid, starting_noise
+from Diffusion.Metrics import report_scores
+from Diffusion.Process import ProcessRecorder, frames_of, save_process_gif, save_process_picture
+from Diffusion.Sampling import sampler_of, steps_of
 from Diffusion.ScheduleCheck import warn_if_x_T_keeps_the_image
-from Diffusion.Train import fit, save_grid, seed_everything, starting_noise
+from Diffusion.Train import fit, seed_everything
 from Diffusion.TrainingState import weights_to_sample
-from DiffusionFreeGuidence.DiffusionCondition import GaussianDiffusionSampler
 from DiffusionFreeGuidence.ModelCondition import UNet
+
 
 def unet_of(config, num_labels):
     """The conditional UNet that config describes, for `num_labels` classes."""
@@ -65,10 +70,8 @@ def conditional_preview(config, num_labels, per_class=4):
     def preview(model):
         device = next(model.parameters()).device
         labels = torch.arange(1, num_labels + 1, device=device).repeat_interleave(per_class)
-        sampler = GaussianDiffusionSampler(model, config["beta_1"], config["beta_T"], config["T"],
-                                           w=w, clip_denoised=config["clip_denoised"]).to(device)
-        return sampler(starting_noise(len(labels), config, device), labels,
-                       progress=False), per_class
+        sampler = sampler_of(config, model, w)
+        return sampler(starting_noise(len(labels), config, device), labels, progress=False), per_class
     return preview
 
 
@@ -85,20 +88,37 @@ def classes_to_sample(config, num_labels):
     return classes
 
 
-def eval(modelConfig):
-    """Sample batch_size // classes images of each class (one class per row) from
-    test_load_weight; with a list of guidance weights w, one grid per w, side by side, from
-    the same noise."""
-    config = modelConfig
-    warn_if_x_T_keeps_the_image(config)
-    device = torch.device(config["device"])
-    seed_everything(config["seed"])
+def trained_model(config, device):
+    """The conditional UNet of test_load_weight (its number of classes read from the checkpoint;
+    the EMA weights unless use_ema is false), on `device`, in eval mode, and that number."""
     state_dict = weights_to_sample(config["save_dir"], config["test_load_weight"], config, device)
     # An unconditional checkpoint has no class table; it fails to load below, saying so.
     num_labels = num_labels_of(state_dict) or 1
     model = unet_of(config, num_labels)
     load_into(model, state_dict, os.path.join(config["save_dir"], config["test_load_weight"]), config)
-    model.to(device).eval()
+    return model.to(device).eval(), num_labels
+
+
+def guidance_weights(config):
+    """config["w"] as a list: one grid (and one export folder) per guidance weight."""
+    return list(config["w"]) if isinstance(config["w"], (list, tuple)) else [config["w"]]
+
+
+def side_by_side(samples, per_class):
+    """One grid per guidance weight, per_class images per row: [len(samples), 3, H', W']."""
+    return torch.stack([make_grid(images, nrow=per_class, pad_value=-1.) for images in samples])
+
+
+def eval(modelConfig):
+    """Sample batch_size // classes images of each class (one class per row) from
+    test_load_weight; with a list of guidance weights w, one grid per w, side by side, from
+    the same noise; the denoising process of the first image of each class; export
+    num_samples single images per w."""
+    config = modelConfig
+    warn_if_x_T_keeps_the_image(config)
+    device = torch.device(config["device"])
+    seed_everything(config["seed"])
+    model, num_labels = trained_model(config, device)
 
     classes = classes_to_sample(config, num_labels)
     per_class = config["batch_size"] // len(classes)
@@ -106,15 +126,65 @@ def eval(modelConfig):
     x_T = starting_noise(len(labels), config, device)
     save_grid(x_T, config["sampled_dir"], config["sampledNoisyImgName"], per_class)
 
-    weights = config["w"] if isinstance(config["w"], (list, tuple)) else [config["w"]]
+    weights = guidance_weights(config)
     noise_seed = int(torch.randint(2 ** 62, ()))
-    grids = []
+    samples, processes = [], []
     for w in weights:
         torch.manual_seed(noise_seed)  # the same noise at every step for every w
-        sampler = GaussianDiffusionSampler(model, config["beta_1"], config["beta_T"], config["T"],
-                                           w=w, clip_denoised=config["clip_denoised"]).to(device)
-        grids.append(make_grid(sampler(x_T, labels), nrow=per_class, pad_value=-1.))
-    save_grid(torch.stack(grids), config["sampled_dir"], config["sampledImgName"], len(grids))
+        processes.append(ProcessRecorder(steps_of(config), frames_of(config)))
+        on_step = processes[-1] if config["process_frames"] else None
+        samples.append(sampler_of(config, model, w)(x_T, labels, on_step=on_step))
+    save_grid(side_by_side(samples, per_class), config["sampled_dir"], config["sampledImgName"], len(weights))
+    if config["process_frames"]:
+        save_process(config, processes, samples, per_class)
     names = class_names(config["save_dir"], num_labels, config["dataset"])
     tqdm.write(f"rows: {', '.join(names[c] for c in classes)} (classes {classes}); grids left to "
                f"right: w = {', '.join(map(str, weights))}")
+    if config["num_samples"]:
+        export(config, model, classes)
+
+
+def save_process(config, processes, samples, per_class):
+    """The process picture (rows: the first image of each class, for each w in turn) and the GIF
+    of the grids side by side."""
+    for process, x_0 in zip(processes, samples):
+        process.finish(x_0)
+    first_of_each_class = torch.arange(0, len(samples[0]), per_class)
+    save_process_picture(torch.cat([p.x_t[:, first_of_each_class] for p in processes], dim=1),
+                         torch.cat([p.x_0[:, first_of_each_class] for p in processes], dim=1),
+                         config["sampled_dir"], config["sampledProcessImgName"])
+    frames = torch.stack([side_by_side([p.x_t[frame] for p in processes], per_class)
+                          for frame in range(frames_of(config))])
+    save_process_gif(frames, len(processes), config["sampled_dir"], config["sampledProcessGifName"])
+
+
+def export_folder(config, w):
+    """Where the samples guided by w are exported: export_dir/w{w}."""
+    return os.path.join(config["export_dir"], f"w{w:g}")
+
+
+def export(config, model, classes):
+    """num_samples samples per guidance weight, the classes taking turns, as PNG files in
+    export_folder(config, w)."""
+    device = torch.device(config["device"])
+    class_labels = torch.tensor(classes, device=device) + 1
+    for w in guidance_weights(config):
+        sampler = sampler_of(config, model, w)
+
+        def draw(first, count):
+            labels = class_labels[torch.arange(first, first + count, device=device) % len(classes)]
+            return sampler(starting_noise(count, config, device), labels)
+        export_samples(draw, export_folder(config, w), config["num_samples"], config["batch_size"],
+                       config["seed"], description=f"export w={w:g}")
+
+
+def fid(modelConfig):
+    """FID and IS against the training set of fid_images or, when that is None, of num_samples
+    samples of test_load_weight for each w, exported first (continuing an earlier export)."""
+    config = modelConfig
+    if config["fid_images"] is not None:
+        report_scores(config, {"samples": config["fid_images"]})
+        return
+    model, num_labels = trained_model(config, torch.device(config["device"]))
+    export(config, model, classes_to_sample(config, num_labels))
+    report_scores(config, {f"w = {w:g}": export_folder(config, w) for w in guidance_weights(config)})

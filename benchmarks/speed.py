@@ -24,7 +24,7 @@ import MainCondition  # noqa: E402
 from Diffusion.Diffusion import GaussianDiffusionTrainer  # noqa: E402
 from Diffusion.Model import AttnBlock  # noqa: E402
 from Diffusion.Train import unet_of  # noqa: E402
-from DiffusionFreeGuidence.DiffusionCondition import GaussianDiffusionSampler  # noqa: E402
+from DiffusionFreeGuidence.DiffusionCondition import ClassifierFreeGuidance  # noqa: E402
 from DiffusionFreeGuidence.TrainCondition import unet_of as conditional_unet_of  # noqa: E402
 
 
@@ -87,8 +87,8 @@ def main():
         t = torch.full((B,), 10, device=device)
         with torch.no_grad():
             if condition:
-                sampler = GaussianDiffusionSampler(model, 1e-4, 0.028, 500, w=1.8).to(device)
-                one_pass = seconds(lambda: sampler.noise_estimate(x, t, condition[0]), args.min_run_time)
+                guided = ClassifierFreeGuidance(model, w=1.8)
+                one_pass = seconds(lambda: guided(x, t, condition[0]), args.min_run_time)
                 two_passes = seconds(lambda: (model(x, t, condition[0]), model(x, t, torch.zeros_like(condition[0]))),
                                      args.min_run_time)
                 rows.append((f"{name} guided sampling step (B={B})", f"{B / one_pass:.1f} images/s"))

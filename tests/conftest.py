@@ -241,13 +241,14 @@ def lr_schedules(reference):
 @pytest.fixture
 def sampled_labels(monkeypatch):
     """The labels eval passes to the (real) guided sampler, one list per grid."""
-    from DiffusionFreeGuidence import DiffusionCondition, TrainCondition
+    from Diffusion.Sampling import sampler_of
+    from DiffusionFreeGuidence import TrainCondition
     seen = []
 
-    class Recording(DiffusionCondition.GaussianDiffusionSampler):
-        def forward(self, x_T, labels, **options):
-            seen.append(labels.tolist())
-            return super().forward(x_T, labels, **options)
+    def recording_sampler_of(config, model, w=None):
+        sampler = sampler_of(config, model, w)
+        sampler.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[1].tolist()))
+        return sampler
 
-    monkeypatch.setattr(TrainCondition, "GaussianDiffusionSampler", Recording)
+    monkeypatch.setattr(TrainCondition, "sampler_of", recording_sampler_of)
     return seen

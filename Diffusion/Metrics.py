@@ -1,0 +1,232 @@
+"""FID (Heusel et al. 2017) and Inception Score (Salimans et al. 2016) of sample images against
+the training set, computed by torchmetrics (pip install -r requirements-optional.txt).
+
+Both metrics read features of uint8 images [B, 3, H, W] from one feature extractor:
+- "inception" (fid_extractor's default): the Inception-v3 of TensorFlow that the papers used,
+  as torch-fidelity ports it (its weights are downloaded once into torch's hub folder), resized
+  to 299x299 as TensorFlow 1 did. Pool features [B, 2048] for FID, logits [B, 1008] for IS.
+- the path of a StandInClassifier's weights: its penultimate features and its logits. Its
+  numbers are only comparable with each other, never with published ones.
+
+The training set's feature statistics are computed once and cached in fid_stats_dir.
+"""
+import hashlib
+import os
+import warnings
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from torchvision.transforms import v2 as transforms
+from tqdm import tqdm
+
+from Diffusion.Checkpoint import load_tensors, save_atomically
+from Diffusion.Config import ConfigError
+from Diffusion.Data import ImageFiles, image_folder, is_torchvision_dataset, torchvision_dataset
+
+INCEPTION = "inception"
+INSTALL = "pip install -r requirements-optional.txt (torchmetrics and torch-fidelity)"
+
+
+class StandInClassifier(nn.Module):
+    """A small CNN classifier of uint8 images [B, 3, H, W]: a stand-in feature extractor where
+    Inception's weights cannot be had (offline), trained on the dataset's labels.
+    features: [B, 4 * width], the input of the last layer; forward: logits [B, num_classes]."""
+
+    def __init__(self, num_classes=10, width=16):
+        super().__init__()
+        def conv(channels_in, channels_out):
+            return nn.Sequential(nn.Conv2d(channels_in, channels_out, 3, padding=1),
+                                 nn.GroupNorm(4, channels_out), nn.SiLU())
+        self.body = nn.Sequential(conv(3, width), nn.MaxPool2d(2), conv(width, 2 * width), nn.MaxPool2d(2),
+                                  conv(2 * width, 4 * width), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = nn.Linear(4 * width, num_classes)
+
+    def features(self, images):
+        return self.body(images.float() / 127.5 - 1.)
+
+    def forward(self, images):
+        return self.head(self.features(images))
+
+
+class FeaturesAndLogits(nn.Module):
+    """A StandInClassifier as a feature extractor: images -> (features, logits)."""
+
+    def __init__(self, classifier):
+        super().__init__()
+        self.classifier = classifier
+        self.num_features = classifier.head.in_features
+
+    def forward(self, images):
+        features = self.classifier.features(images)
+        return features, self.classifier.head(features)
+
+
+class Extracted(nn.Identity):
+    """What torchmetrics is given in place of its network: features already extracted."""
+
+    def __init__(self, num_features):
+        super().__init__()
+        self.num_features = num_features
+
+
+def _torchmetrics():
+    try:
+        from torchmetrics.image.fid import FrechetInceptionDistance
+        from torchmetrics.image.inception import InceptionScore
+    except ImportError as error:
+        raise ConfigError(f"FID needs torchmetrics, which is not installed ({error}): {INSTALL}.") from None
+    return FrechetInceptionDistance, InceptionScore
+
+
+def inception_extractor():
+    """torch-fidelity's Inception-v3 for FID: images -> (pool features [B, 2048], logits [B, 1008])."""
+    _torchmetrics()
+    try:
+        from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+        from torchmetrics.image.fid import NoTrainInceptionV3
+    except ImportError as error:
+        raise ConfigError(f"FID with Inception needs torch-fidelity, which is not installed "
+                          f"({error}): {INSTALL}.") from None
+    path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(URL_INCEPTION_V3))
+    if not os.path.isfile(path):
+        try:
+            torch.hub.download_url_to_file(URL_INCEPTION_V3, path)
+        except OSError as error:
+            raise ConfigError(f"could not download the FID Inception weights ({error}): on a machine "
+                              f"that is online, download {URL_INCEPTION_V3} into {os.path.dirname(path)}; "
+                              f"or set fid_extractor to a stand-in classifier's weights.") from None
+    # torch-fidelity reads the file with weights_only=False; read it with True first, which
+    # refuses anything but tensors.
+    load_tensors(path, "cpu")
+    inception = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048", "logits_unbiased"],
+                                   feature_extractor_weights_path=path, antialias=False)
+    inception.num_features = 2048
+    return inception
+
+
+def classifier_extractor(path):
+    """The StandInClassifier whose state_dict is in `path`, as a feature extractor."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"fid_extractor {path!r} is neither 'inception' nor a file: give the "
+                          f"weights of a StandInClassifier (see benchmarks/sampling.py).")
+    state_dict = load_tensors(path, "cpu")
+    classifier = StandInClassifier(num_classes=state_dict["head.weight"].shape[0],
+                                   width=state_dict["body.0.0.weight"].shape[0])
+    classifier.load_state_dict(state_dict)
+    return FeaturesAndLogits(classifier)
+
+
+def extractor_of(name):
+    """The feature extractor fid_extractor names, in eval mode: uint8 images [B, 3, H, W] ->
+    (features [B, num_features], logits [B, K])."""
+    return (inception_extractor() if name == INCEPTION else classifier_extractor(name)).eval()
+
+
+def extractor_label(name):
+    """A short name of the extractor for file names: inception, or the weights file's stem and hash."""
+    if name == INCEPTION:
+        return INCEPTION
+    with open(name, "rb") as file:
+        digest = hashlib.sha1(file.read()).hexdigest()[:8]
+    return f"{os.path.splitext(os.path.basename(name))[0]}-{digest}"
+
+
+def evaluation_transform(img_size):
+    """PIL image -> uint8 [3, img_size, img_size], fitted as the training images (no flip)."""
+    return transforms.Compose([transforms.RGB(), transforms.Resize(img_size),
+                               transforms.CenterCrop(img_size), transforms.ToImage()])
+
+
+def reference_images(config):
+    """The whole training set of config["dataset"] (all of it, whatever max_images), as uint8."""
+    transform = evaluation_transform(config["img_size"])
+    name = config["dataset"]
+    if is_torchvision_dataset(name):
+        return torchvision_dataset(name, config["data_root"], transform)
+    return image_folder(name, transform, labelled=False)
+
+
+def folder_images(folder, img_size):
+    """The images under `folder` (searched recursively), as uint8, fitted to img_size."""
+    if not os.path.isdir(folder):
+        raise ConfigError(f"{folder!r} is not a folder of images: set fid_images to one, or to "
+                          f"None to score the checkpoint's samples.")
+    images = ImageFiles(folder, evaluation_transform(img_size))
+    if len(images) < 2:
+        raise ConfigError(f"{folder!r} holds {len(images)} images; FID needs at least 2 (the "
+                          f"papers use 50,000).")
+    return images
+
+
+@torch.no_grad()
+def feature_batches(dataset, extractor, config, description):
+    """(features [B, D], logits [B, K]) of each batch of batch_size images of `dataset`."""
+    device = torch.device(config["device"])
+    loader = DataLoader(dataset, batch_size=config["batch_size"], num_workers=config["num_workers"])
+    extractor.to(device)
+    for images, _ in tqdm(loader, desc=description, leave=False, dynamic_ncols=True):
+        features, logits = extractor(images.to(device))
+        yield features.double(), logits.double()
+
+
+def statistics_file(config):
+    """Where the training set's statistics for this dataset, img_size and extractor are cached."""
+    name = config["dataset"]
+    if not is_torchvision_dataset(name):
+        digest = hashlib.sha1(os.path.abspath(name).encode()).hexdigest()[:8]
+        name = f"{os.path.basename(os.path.normpath(name))}-{digest}"
+    label = extractor_label(config["fid_extractor"])
+    return os.path.join(config["fid_stats_dir"], f"{name}_{config['img_size']}px_{label}.pt")
+
+
+REFERENCE_STATES = ("real_features_sum", "real_features_cov_sum", "real_features_num_samples")
+
+
+def fid_metric(config, extractor):
+    """torchmetrics' FID, its reference side holding the training set's statistics (read from
+    fid_stats_dir, or computed and written there)."""
+    FrechetInceptionDistance, _ = _torchmetrics()
+    path = statistics_file(config)
+    metric = FrechetInceptionDistance(feature=Extracted(extractor.num_features), reset_real_features=False)
+    if os.path.isfile(path):
+        statistics = load_tensors(path, "cpu")
+        for state in REFERENCE_STATES:
+            setattr(metric, state, statistics[state])
+    else:
+        for features, _ in feature_batches(reference_images(config), extractor, config,
+                                           "training set features"):
+            metric.update(features, real=True)
+        save_atomically({state: getattr(metric, state) for state in REFERENCE_STATES}, path)
+        tqdm.write(f"wrote the training set's feature statistics to {path}")
+    return metric.to(torch.device(config["device"]))
+
+
+def scores_of_folder(folder, config, extractor):
+    """FID against the training set, and IS (mean and std over 10 splits), of the images in
+    folder: {"fid", "is", "is_std", "images", "reference_images"}."""
+    _, InceptionScore = _torchmetrics()
+    fid = fid_metric(config, extractor)
+    with warnings.catch_warnings():  # "will save all extracted features": that is what it is for
+        warnings.filterwarnings("ignore", message=".*save all extracted features", category=UserWarning)
+        inception_score = InceptionScore(feature=nn.Identity(), splits=10)
+    for features, logits in feature_batches(folder_images(folder, config["img_size"]), extractor,
+                                            config, f"features of {folder}"):
+        fid.update(features, real=False)
+        inception_score.update(logits)
+    is_mean, is_std = inception_score.compute()
+    return {"fid": fid.compute().item(), "is": is_mean.item(), "is_std": is_std.item(),
+            "images": int(fid.fake_features_num_samples),
+            "reference_images": int(fid.real_features_num_samples)}
+
+
+def report_scores(config, folders):
+    """FID and IS of each folder of {label: folder}, printed and returned as {label: scores}."""
+    extractor = extractor_of(config["fid_extractor"])
+    results = {}
+    for label, folder in folders.items():
+        scores = results[label] = scores_of_folder(folder, config, extractor)
+        tqdm.write(f"{label}: FID {scores['fid']:.2f}, IS {scores['is']:.2f} ± {scores['is_std']:.2f} "
+                   f"({scores['images']} images in {folder} against {scores['reference_images']} "
+                   f"training images of {config['dataset']}, {config['fid_extractor']} features)")
+    return results
