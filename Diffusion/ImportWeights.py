@@ -413,7 +413,7 @@ def convert(tensors, options=None, source="the weights", T=OFFICIAL_SCHEDULE["T"
                                                 options["flip_sin_to_cos"], options["freq_shift"])
     model.load_state_dict(state_dict, strict=True)
     config = {"state": "eval", **OFFICIAL_SCHEDULE, "T": T, **architecture,
-              "dropout": OFFICIAL_DROPOUT, "img_size": options["img_size"],
+              "dropout": OFFICIAL_DROPOUT, "img_size": options["img_size"], "img_channels": 3,
               "group_norm_eps": options["group_norm_eps"],
               "downsample_padding": options["downsample_padding"], "clip_denoised": True}
     return state_dict, config
