@@ -6,12 +6,14 @@
     skip_type:       which sample_steps of the T timesteps are visited: "uniform" or "quadratic"
 
 Every sampler evaluates the network in its `noise_estimate` only; with a guidance weight w the
-network there is the guided estimate of DiffusionFreeGuidence.
+network there is the guided estimate of DiffusionFreeGuidence, and with the speed options (amp,
+compile, channels_last) the network runs under them, returning float32 (Speed.ForSampling).
 """
 import torch
 
 from Diffusion.DDIM import DDIMSampler
 from Diffusion.Diffusion import GaussianDiffusionSampler, sampling_timesteps
+from Diffusion.Speed import for_sampling
 from DiffusionFreeGuidence.DiffusionCondition import ClassifierFreeGuidance
 
 SAMPLERS = ("ddpm", "ddim")
@@ -30,6 +32,7 @@ def timesteps_of(config):
 def sampler_of(config, model, w=None):
     """The sampler of config["sampler"] for `model` (guided by w when w is given; the model then
     takes labels), on config["device"]: `sampler(x_T, *condition) -> x_0`."""
+    model = for_sampling(model, config)  # amp, compile, channels_last
     network = model if w is None else ClassifierFreeGuidance(model, w)
     schedule = (network, config["beta_1"], config["beta_T"], config["T"])
     if config["sampler"] == "ddim":

@@ -11,6 +11,7 @@ checkpoint trained with any of them loads and samples with none of them.
 from contextlib import nullcontext
 
 import torch
+from torch import nn
 from tqdm import tqdm
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -52,3 +53,27 @@ def compiled(network, config, announce=True):
     if announce:
         tqdm.write("compile: the first steps are slow while torch.compile builds the kernels")
     return torch.compile(network)
+
+
+class ForSampling(nn.Module):
+    """The network as a sampler calls it under the speed options: x_t in the memory format of
+    channels_last, the network autocast to amp's dtype (and compiled), and its estimate returned
+    in float32, so that the sampler's update of x_t stays float32."""
+
+    def __init__(self, network, config):
+        super().__init__()
+        self.network = compiled(network, config)
+        self.config = config
+        self.device = torch.device(config["device"])
+
+    def forward(self, x_t, t, *condition):
+        with autocast(self.config, self.device):
+            eps = self.network(x_t.contiguous(memory_format=memory_format_of(self.config)), t, *condition)
+        return eps.float()
+
+
+def for_sampling(model, config):
+    """`model` as samplers should call it (ForSampling), or itself when every option is off."""
+    if config["amp"] == "none" and not config["compile"] and not config["channels_last"]:
+        return model
+    return ForSampling(model, config)

@@ -217,7 +217,8 @@ def unconditional_preview(config):
     """preview(model) for the unconditional model: 16 samples, 4 per row."""
     def preview(model):
         device = next(model.parameters()).device
-        return sampler_of(config, model)(starting_noise(16, config, device), progress=False), 4
+        sampler = sampler_of({**config, "compile": False}, model)  # not compiled again each time
+        return sampler(starting_noise(16, config, device), progress=False), 4
     return preview
 
 
@@ -227,7 +228,7 @@ def trained_model(config, device):
     model = unet_of(config)
     folder, name = config["save_weight_dir"], config["test_load_weight"]
     load_into(model, weights_to_sample(folder, name, config, device), os.path.join(folder, name), config)
-    return model.to(device).eval()
+    return place(model, config, device).eval()
 
 
 def eval(modelConfig):

@@ -21,6 +21,7 @@ from Diffusion.Metrics import report_scores
 from Diffusion.Process import ProcessRecorder, frames_of, save_process_gif, save_process_picture
 from Diffusion.Sampling import sampler_of, steps_of
 from Diffusion.ScheduleCheck import warn_if_x_T_keeps_the_image
+from Diffusion.Speed import place
 from Diffusion.Train import fit, seed_everything
 from Diffusion.TrainingState import weights_to_sample
 from DiffusionFreeGuidence.ModelCondition import UNet
@@ -70,7 +71,7 @@ def conditional_preview(config, num_labels, per_class=4):
     def preview(model):
         device = next(model.parameters()).device
         labels = torch.arange(1, num_labels + 1, device=device).repeat_interleave(per_class)
-        sampler = sampler_of(config, model, w)
+        sampler = sampler_of({**config, "compile": False}, model, w)  # not compiled again each time
         return sampler(starting_noise(len(labels), config, device), labels, progress=False), per_class
     return preview
 
@@ -96,7 +97,7 @@ def trained_model(config, device):
     num_labels = num_labels_of(state_dict) or 1
     model = unet_of(config, num_labels)
     load_into(model, state_dict, os.path.join(config["save_dir"], config["test_load_weight"]), config)
-    return model.to(device).eval(), num_labels
+    return place(model, config, device).eval(), num_labels
 
 
 def guidance_weights(config):

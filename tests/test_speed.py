@@ -12,6 +12,7 @@ from conftest import as_arguments, run_or_fail, run_script
 from Diffusion import Train
 from Diffusion.Checkpoint import TRAINING_STATE
 from Diffusion.Config import ConfigError
+from Diffusion.Sampling import sampler_of
 
 
 def test_bf16_channels_last_training_loads_and_samples_without_them(tiny_config, tmp_path):
@@ -43,3 +44,22 @@ def test_a_run_whose_loss_stays_non_finite_stops_with_a_sentence(tiny_config, tm
     assert "Lower lr" in process.stderr
     log = (Path(config["save_weight_dir"]) / "training_log.jsonl").read_text().splitlines()
     assert '"skipped_steps": 50' in log[-1]
+
+
+def test_sampling_under_bf16_keeps_x_t_float32_and_close_to_float32_sampling(tiny_config):
+    torch.manual_seed(0)
+    model = Train.unet_of({**tiny_config, "T": 20}).eval()
+    with torch.no_grad():  # weights of a size that makes the network's output matter
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.02)
+    config = {**tiny_config, "T": 20, "sampler": "ddim", "sample_steps": 10, "eta": 0.}
+    x_T = torch.randn(4, 3, 16, 16)
+    seen = []
+    samples = {}
+    for amp in ("none", "bf16"):
+        sampler = sampler_of({**config, "amp": amp, "channels_last": amp == "bf16"}, model)
+        samples[amp] = sampler(x_T, progress=False, on_step=lambda x_t, x_0: seen.append(x_t.dtype))
+    assert set(seen) == {torch.float32}
+    assert samples["bf16"].dtype == torch.float32
+    difference = (samples["bf16"] - samples["none"]).abs()
+    assert 0 < difference.mean() < 0.05  # bf16 differs, by rounding only
