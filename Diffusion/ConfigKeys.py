@@ -141,7 +141,8 @@ KINDS = {
 MEANINGS = {
     "state": "train a model; eval: sample image grids from a checkpoint; fid: FID and IS of samples",
     "epoch": "passes over the training set",
-    "batch_size": "images per training step; images sampled by eval",
+    "batch_size": "images per training step, per process under torchrun (scale lr with the global "
+                  "batch); images sampled by eval",
     "T": "diffusion steps",
     "channel": "base channel count of the UNet (a multiple of 32)",
     "channel_mult": "channels of each resolution level, as multiples of channel",

@@ -1,15 +1,18 @@
-"""Speed and memory of the training step with each speed option, measured in one run.
+"""Speed and memory of the training step, and speed of sampling, with each speed option,
+measured in one run.
 
-    python benchmarks/training.py                          # Main.py's model, CUDA if present
-    python benchmarks/training.py --model condition --batch_size 8 --device cpu
-    python benchmarks/training.py --variants plain,bf16 --rounds 5
+    python benchmarks/options.py                          # Main.py's model, CUDA if present
+    python benchmarks/options.py --model condition --batch_size 8 --device cpu
+    python benchmarks/options.py --variants plain,bf16 --rounds 5
 
 Every variant is the real training step of Diffusion/Train.py (Algorithm 1, clipping, AdamW, the
 EMA update) on the default config of the chosen script; "plain" is the original's float32 path
 with every option off (AdamW not fused). The variants' steps alternate, round after round, so
 that a machine that slows down or speeds up affects them alike; the table gives the median
 images per second over the rounds, the ratio to plain, and the memory the step takes above what
-was allocated before it (CUDA: peak allocated; CPU: peak resident set). On CUDA it adds the
+was allocated before it (CUDA: peak allocated; CPU: peak resident set). Sampling is timed the
+same way: `--sample_steps` DDIM steps of the same batch through sampler_of, under the variant's
+options (AdamW's doesn't apply), in images x steps per second. On CUDA it adds the
 model FLOPs utilisation of the best combination: FLOPs per image from
 torch.utils.flop_counter.FlopCounterMode, against the GPU's bf16 peak (--peak_tflops).
 """
@@ -34,10 +37,12 @@ from Diffusion.Distributed import Processes  # noqa: E402
 from Diffusion.EMA import EMA  # noqa: E402
 from Diffusion.Model import AttnBlock  # noqa: E402
 from Diffusion.Randomness import GlobalBatch  # noqa: E402
+from Diffusion.Sampling import sampler_of  # noqa: E402
 from Diffusion.Speed import adamw, compiled, grad_scaler, place  # noqa: E402
 from Diffusion.Train import original_loss, training_step, unet_of, warmup_cosine  # noqa: E402
 from Diffusion.TrainingState import TrainingState  # noqa: E402
 from DiffusionFreeGuidence.TrainCondition import guided_loss  # noqa: E402
+from DiffusionFreeGuidence.ModelCondition import UNet as ConditionalUNet  # noqa: E402
 from DiffusionFreeGuidence.TrainCondition import unet_of as conditional_unet_of  # noqa: E402
 
 OPTIONS_OFF = {"amp": "none", "compile": False, "channels_last": False, "fused": False, "attention": "sdpa"}
@@ -144,6 +149,22 @@ def measure(variant, steps, device):
     return steps * variant.config["batch_size"] / seconds, memory_peak(device) - before
 
 
+def measure_sampling(variant, steps, device):
+    """Images x sampling steps per second of the variant's model under its options."""
+    config = {**variant.config, "sampler": "ddim", "sample_steps": steps, "eta": 0.}
+    model = variant.state.model.eval()
+    sampler = sampler_of(config, model)
+    x_T = torch.randn(variant.config["batch_size"], 3, 32, 32, device=device)
+    labels = (variant.labels.to(device) + 1,) if isinstance(model, ConditionalUNet) else ()
+    sampler(x_T, *labels, progress=False)  # warm-up (compiles)
+    synchronize(device)
+    started = time.perf_counter()
+    sampler(x_T, *labels, progress=False)
+    synchronize(device)
+    model.train()
+    return steps * variant.config["batch_size"] / (time.perf_counter() - started)
+
+
 def flops_per_image(variant):
     """FLOPs of one training step (forward and backward of the UNet) per image."""
     with FlopCounterMode(display=False) as counter:
@@ -170,6 +191,7 @@ def main():
     parser.add_argument("--variants", default=None, help="comma-separated names (default: all the device has)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=None, help="steps per measurement (default: 20 CUDA, 2 CPU)")
+    parser.add_argument("--sample_steps", type=int, default=None, help="DDIM steps timed (default: 50 CUDA, 5 CPU)")
     parser.add_argument("--peak_tflops", type=float, default=None, help="bf16 peak of the GPU (default: by name)")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -185,20 +207,27 @@ def main():
         for _ in range(3 if options["compile"] else 1):  # warm-up (compiles)
             variants[name].step()
     results = {name: [] for name in variants}
+    sampling = {name: [] for name in variants}
+    sample_steps = args.sample_steps or (50 if on_gpu else 5)
     for _ in range(args.rounds):
         for name, variant in variants.items():
             results[name].append(measure(variant, steps, device))
+            sampling[name].append(measure_sampling(variant, sample_steps, device))
 
     print(f"{script.__name__}.py's model, batch {batch_size}, {steps} steps x {args.rounds} rounds, "
           f"torch {torch.__version__}, {device.type}: {machine(device)}\n")
-    print("| variant | options | images/s | vs plain | step memory (MiB) |\n| --- | --- | --- | --- | --- |")
+    print("| variant | options | training images/s | vs plain | step memory (MiB) | sampling images x steps/s | vs plain |\n"
+          "| --- | --- | --- | --- | --- | --- | --- |")
     plain = statistics.median(rate for rate, _ in results["plain"]) if "plain" in results else None
+    plain_sampling = statistics.median(sampling["plain"]) if "plain" in sampling else None
     for name, runs in results.items():
         rate = statistics.median(r for r, _ in runs)
         memory = max(m for _, m in runs)
+        sampled = statistics.median(sampling[name])
         options = {k: v for k, v in variants[name].options.items() if v != OPTIONS_OFF[k]}
         ratio = f"{rate / plain:.2f}x" if plain else "-"
-        print(f"| {name} | {options or 'all off'} | {rate:.1f} | {ratio} | {memory:.0f} |")
+        sampling_ratio = f"{sampled / plain_sampling:.2f}x" if plain_sampling else "-"
+        print(f"| {name} | {options or 'all off'} | {rate:.1f} | {ratio} | {memory:.0f} | {sampled:.1f} | {sampling_ratio} |")
     if on_gpu and "best" in results:
         peak = args.peak_tflops or next((p for key, p in BF16_PEAK_TFLOPS.items() if key in machine(device)), None)
         flops = flops_per_image(Variant({**OPTIONS_OFF, "fused": True}, script, batch_size, device))
