@@ -25,12 +25,12 @@ import types
 from pathlib import Path
 
 import torch
-from torch.nn import functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import Main  # noqa: E402
+from benchmarks.speed import explicit_attention  # noqa: E402
 import MainCondition  # noqa: E402
 from Diffusion.Diffusion import GaussianDiffusionTrainer  # noqa: E402
 from Diffusion.Distributed import Processes  # noqa: E402
@@ -64,17 +64,6 @@ def best_options(device):
     return {"amp": "bf16", "channels_last": on_gpu, "fused": True, "compile": on_gpu}
 
 
-def matmul_attention(block, x):
-    """The original's attention: bmm, softmax, bmm. [B, C, H, W] -> [B, C, H, W]."""
-    B, C, H, W = x.shape
-    h = block.group_norm(x)
-    q = block.proj_q(h).permute(0, 2, 3, 1).reshape(B, H * W, C)
-    k = block.proj_k(h).reshape(B, C, H * W)
-    v = block.proj_v(h).permute(0, 2, 3, 1).reshape(B, H * W, C)
-    weights = F.softmax(torch.bmm(q, k) * C ** -0.5, dim=-1)
-    return x + block.proj(torch.bmm(weights, v).reshape(B, H, W, C).permute(0, 3, 1, 2))
-
-
 class Variant:
     """A model, optimizer and EMA set up with one combination of options, and its step."""
 
@@ -88,7 +77,7 @@ class Variant:
         if options["attention"] == "matmul":
             for block in model.modules():
                 if isinstance(block, AttnBlock):
-                    block.forward = types.MethodType(matmul_attention, block)
+                    block.forward = types.MethodType(explicit_attention, block)
         model = place(model, self.config, device)
         optimizer = adamw(model.parameters(), base["lr"], device) if options["fused"] else \
             torch.optim.AdamW(model.parameters(), lr=base["lr"], weight_decay=1e-4)
