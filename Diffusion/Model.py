@@ -81,6 +81,15 @@ class UpSample(nn.Module):
         return self.main(F.interpolate(x, scale_factor=2, mode="nearest"))
 
 
+def attention(q, k, v):
+    """softmax(q k^T / sqrt(C)) v for q, k, v [B, heads, N, C]: PyTorch's fused
+    scaled_dot_product_attention on a GPU; on a CPU the plain matmul-softmax-matmul, which is as
+    fast or faster there (benchmarks/RESULTS.md)."""
+    if q.is_cuda:
+        return F.scaled_dot_product_attention(q, k, v)
+    return torch.softmax(q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5, dim=-1) @ v
+
+
 class AttnBlock(nn.Module):
     """Single-head self-attention over the H*W positions, with a residual connection.
 
@@ -100,7 +109,7 @@ class AttnBlock(nn.Module):
         B, C, H, W = x.shape
         h = self.group_norm(x)
         q, k, v = (p(h).view(B, 1, C, H * W).transpose(2, 3) for p in (self.proj_q, self.proj_k, self.proj_v))
-        h = F.scaled_dot_product_attention(q, k, v)  # [B, 1, H*W, C]
+        h = attention(q, k, v)  # [B, 1, H*W, C]
         h = h.transpose(2, 3).reshape(B, C, H, W)
         return x + self.proj(h)
 

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from Diffusion.Model import AttnBlock, ResBlock, UNet, sinusoidal_table
+from Diffusion.Model import AttnBlock, ResBlock, UNet, attention, sinusoidal_table
 from DiffusionFreeGuidence import ModelCondition
 
 
@@ -158,3 +158,11 @@ def test_same_padding_downsample_pads_after_only_as_tensorflow():
         expected = F.conv2d(F.pad(x, (0, 1, 0, 1)), same.main.weight, same.main.bias, stride=2)
         assert torch.allclose(same(x), expected, atol=1e-6)
         assert not torch.allclose(symmetric(x), expected, atol=1e-3)
+
+
+def test_attention_on_a_cpu_computes_what_scaled_dot_product_attention_does():
+    """The CPU path (matmul-softmax-matmul) and the GPU path (the fused kernel) agree."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 1, 64, 32) for _ in range(3))
+    expected = F.scaled_dot_product_attention(q, k, v)
+    assert torch.allclose(attention(q, k, v), expected, rtol=1e-5, atol=1e-6)
