@@ -203,10 +203,12 @@ def continue_from_weights(state, config, state_dict, path):
     state.scheduler.fast_forward(state.epoch)
     # New random numbers for the epochs to come: a fixed seed must not replay epoch 0's.
     state.seed_with(common_seed(config["seed"], state.processes) + state.epoch)
+    held = "the run's EMA weights" if read_run_info(os.path.dirname(path)).get("snapshot_weights") == "ema" \
+        else "one set of weights, no EMA"
     note(state.processes, f"continuing from the weights of {os.path.basename(path)} at epoch "
-                          f"{state.epoch}, with a new optimizer state; it has no EMA weights, so "
-                          f"the EMA starts from these weights (only {TRAINING_STATE} continues "
-                          f"a run exactly)")
+                          f"{state.epoch}, with a new optimizer state: a plain state_dict holds "
+                          f"{held}, so training and the EMA start from them (only "
+                          f"{TRAINING_STATE} continues a run exactly)")
 
 
 def weights_to_sample(folder, name, config, device):
