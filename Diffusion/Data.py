@@ -1,10 +1,10 @@
 """Training images: CIFAR-10, any torchvision dataset of the same form, or a folder of images.
 
-Every image becomes RGB (or grayscale, with img_channels 1), is fitted to img_size (resized, centre-cropped) and scaled to [-1, 1];
-training then flips it left-right at random (Randomness.flip_left_right_at_random, on the device,
-so that a continued run sees the same flips). For CIFAR-10 at 32x32 this is the original's
-pipeline.
-An image file of a folder that PIL cannot read is skipped with a warning naming it.
+Every image becomes RGB (or grayscale, with img_channels 1), is fitted to img_size (resized,
+centre-cropped) and scaled to [-1, 1]; training then flips it left-right at random
+(Randomness.flip_left_right_at_random, on the device, so that a continued run sees the same
+flips). For CIFAR-10 at 32x32 this is the original's pipeline. An image file of a folder that
+PIL cannot read is skipped with a warning naming it.
 """
 import difflib
 import os

@@ -45,6 +45,6 @@ class StopRequests:
 
 
 def ignore_ctrl_c(worker_id=None):
-    """For data-loading workers (DataLoader's worker_init_fn): Ctrl-C reaches every process of the terminal's group, and the
-    main process alone decides when to stop."""
+    """For data-loading workers (DataLoader's worker_init_fn): Ctrl-C reaches every process of
+    the terminal's group, and the main process alone decides when to stop."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
