@@ -113,7 +113,8 @@ def write_training_images(config, folder, count):
 
 def fid_rows(args, device):
     run = Path(args.fid_dir)
-    config = {**Main.modelConfig, **SMALL, "device": str(device), "data_root": args.data_root,
+    config = {**Main.modelConfig, **SMALL, "img_channels": args.img_channels, "device": str(device),
+              "data_root": args.data_root,
               "save_weight_dir": str(run / "ckpt"), "test_load_weight": args.checkpoint,
               "num_samples": args.num_samples, "batch_size": args.fid_batch_size, "seed": 0,
               "num_workers": 0, "fid_stats_dir": str(run / "fid_stats"),
@@ -145,6 +146,7 @@ def main():
     parser.add_argument("--checkpoint", default="ckpt_7_.pt")
     parser.add_argument("--data_root", default=".")
     parser.add_argument("--num_samples", type=int, default=500)
+    parser.add_argument("--img_channels", type=int, choices=[1, 3], default=3, help="FID: of the small model")
     parser.add_argument("--fid_batch_size", type=int, default=250)
     args = parser.parse_args()
     device = torch.device(args.device)
