@@ -1,6 +1,7 @@
-"""Training on several processes, started by torchrun: one process per GPU (NCCL), or several
-CPU processes (gloo), with DistributedDataParallel. `batch_size` is per process; the loss is
-that of the global batch, so N processes train as one process with an N times larger batch.
+"""Several processes, started by torchrun: one process per GPU (NCCL), or several CPU processes
+(gloo). Training uses DistributedDataParallel: `batch_size` is per process; the loss is that of
+the global batch, so N processes train as one process with an N times larger batch. Exporting
+samples gives each process its share of the batches (Export.py).
 
 On one process (plain `python Main.py`) every helper here is the identity, so the recipe reads
 the same either way.
@@ -20,7 +21,7 @@ from tqdm import tqdm
 
 @dataclass(frozen=True)
 class Processes:
-    """This process's place among the training processes, and its device."""
+    """This process's place among the processes, and its device."""
     device: torch.device
     rank: int = 0
     world_size: int = 1
@@ -34,13 +35,17 @@ class Processes:
     def distributed(self):
         return self.world_size > 1 or dist.is_initialized()
 
+    def on_its_device(self, config):
+        """config with this process's device (cuda:LOCAL_RANK under torchrun on GPUs)."""
+        return {**config, "device": str(self.device)}
+
 
 def launched_by_torchrun():
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "LOCAL_RANK" in os.environ
 
 
 @contextmanager
-def training_processes(config):
+def torchrun_processes(config):
     """Join torchrun's process group (NCCL on CUDA, with the GPU of LOCAL_RANK; gloo on CPU)
     for the duration; a plain run is one process on config["device"]."""
     device = torch.device(config["device"])

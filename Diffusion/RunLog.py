@@ -4,7 +4,8 @@ folder, at the end of every epoch and every log_every steps:
     {"kind": "epoch", "epoch": 3, "step": 2500, "loss": 0.0312, "lr": 0.0002,
      "images_per_second": 412.0, "seconds": 1830.5, "ema_decay": 0.9999}
 
-`loss` is the mean loss since the previous line (over all processes); `seconds` counts from the
+`loss` is the mean loss (over all processes) of the epoch, or of the log_every steps since the
+previous "step" line (fewer in the first line after a run continues); `seconds` counts from the
 start of this process. When `tensorboard` is installed (pip install tensorboard), the same
 scalars go to TensorBoard event files in tensorboard/, with the sample grids drawn every
 sample_every epochs (also written as PNGs into samples/):

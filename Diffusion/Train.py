@@ -26,7 +26,7 @@ from Diffusion.Distributed import (
     any_process,
     assert_identical_weights,
     for_training,
-    training_processes,
+    torchrun_processes,
 )
 from Diffusion.EMA import EMA
 from Diffusion.Export import export_samples
@@ -88,7 +88,7 @@ def fit(config, model, dataset, checkpoint_dir, loss_of_batch, preview=None, run
     loss_of_batch(trainer, x_0, labels, batch) -> the global batch's loss; preview(model) ->
     (images [N, 3, H, W], images per row), drawn every sample_every epochs; run_info: entries
     for run.json (the class names)."""
-    with training_processes(config) as processes, StopRequests() as stop:
+    with torchrun_processes(config) as processes, StopRequests() as stop:
         device = processes.device
         model = place(model, config, device)
         optimizer = adamw(model.parameters(), config["lr"], device)
@@ -233,13 +233,22 @@ def trained_model(config, device):
 
 def eval(modelConfig):
     """Sample batch_size images from test_load_weight; save the noise, the samples and the
-    denoising process; export num_samples single images."""
-    config = modelConfig
-    warn_if_x_T_keeps_the_image(config)
-    device = torch.device(config["device"])
-    seed_everything(config["seed"])
-    sampler = sampler_of(config, trained_model(config, device))
-    x_T = starting_noise(config["batch_size"], config, device)
+    denoising process; export num_samples single images (under torchrun, each process its
+    share)."""
+    warn_if_x_T_keeps_the_image(modelConfig)
+    with torchrun_processes(modelConfig) as processes:
+        config = processes.on_its_device(modelConfig)
+        seed_everything(config["seed"])
+        sampler = sampler_of(config, trained_model(config, processes.device))
+        if processes.is_main:
+            save_samples_and_process(config, sampler)
+        if config["num_samples"]:
+            export(config, sampler, processes)
+
+
+def save_samples_and_process(config, sampler):
+    """The starting noise, the samples of it and the denoising process, as pictures."""
+    x_T = starting_noise(config["batch_size"], config, torch.device(config["device"]))
     save_grid(x_T, config["sampled_dir"], config["sampledNoisyImgName"], config["nrow"])
     process = ProcessRecorder(steps_of(config), frames_of(config))
     x_0 = sampler(x_T, on_step=process if config["process_frames"] else None)
@@ -249,24 +258,25 @@ def eval(modelConfig):
         save_process_picture(process.x_t[:, :PROCESS_ROWS], process.x_0[:, :PROCESS_ROWS],
                              config["sampled_dir"], config["sampledProcessImgName"])
         save_process_gif(process.x_t, config["nrow"], config["sampled_dir"], config["sampledProcessGifName"])
-    if config["num_samples"]:
-        export(config, sampler)
 
 
-def export(config, sampler):
+def export(config, sampler, processes=None):
     """num_samples samples of `sampler` as PNG files in export_dir."""
     device = torch.device(config["device"])
     export_samples(lambda first, count: sampler(starting_noise(count, config, device)),
-                   config["export_dir"], config["num_samples"], config["batch_size"], config["seed"])
+                   config["export_dir"], config["num_samples"], config["batch_size"], config["seed"],
+                   processes=processes)
 
 
 def fid(modelConfig):
     """FID and IS against the training set of fid_images or, when that is None, of num_samples
-    samples of test_load_weight, exported into export_dir first (continuing an earlier export)."""
-    config = modelConfig
-    folder = config["fid_images"]
-    if folder is None:
-        device = torch.device(config["device"])
-        export(config, sampler_of(config, trained_model(config, device)))
-        folder = config["export_dir"]
-    report_scores(config, {"samples": folder})
+    samples of test_load_weight, exported into export_dir first (continuing an earlier export;
+    under torchrun, each process exports its share and the first one scores)."""
+    with torchrun_processes(modelConfig) as processes:
+        config = processes.on_its_device(modelConfig)
+        folder = config["fid_images"]
+        if folder is None:
+            export(config, sampler_of(config, trained_model(config, processes.device)), processes)
+            folder = config["export_dir"]
+        if processes.is_main:
+            report_scores(config, {"samples": folder})

@@ -15,6 +15,7 @@ from Diffusion.Checkpoint import class_names, load_into, num_labels_of
 from Diffusion.Config import ConfigError
 from Diffusion.Data import training_dataset
 from Diffusion.Diffusion import SINGLE_PROCESS
+from Diffusion.Distributed import torchrun_processes
 from Diffusion.Export import export_samples
 from Diffusion.Images import save_grid, starting_noise
 from Diffusion.Metrics import report_scores
@@ -114,14 +115,22 @@ def eval(modelConfig):
     """Sample batch_size // classes images of each class (one class per row) from
     test_load_weight; with a list of guidance weights w, one grid per w, side by side, from
     the same noise; the denoising process of the first image of each class; export
-    num_samples single images per w."""
-    config = modelConfig
-    warn_if_x_T_keeps_the_image(config)
-    device = torch.device(config["device"])
-    seed_everything(config["seed"])
-    model, num_labels = trained_model(config, device)
+    num_samples single images per w (under torchrun, each process its share)."""
+    warn_if_x_T_keeps_the_image(modelConfig)
+    with torchrun_processes(modelConfig) as processes:
+        config = processes.on_its_device(modelConfig)
+        seed_everything(config["seed"])
+        model, num_labels = trained_model(config, processes.device)
+        classes = classes_to_sample(config, num_labels)
+        if processes.is_main:
+            save_guided_samples_and_process(config, model, classes, num_labels)
+        if config["num_samples"]:
+            export(config, model, classes, processes)
 
-    classes = classes_to_sample(config, num_labels)
+
+def save_guided_samples_and_process(config, model, classes, num_labels):
+    """The starting noise, one grid of samples per w (a row per class) and the process."""
+    device = torch.device(config["device"])
     per_class = config["batch_size"] // len(classes)
     labels = torch.tensor(classes, device=device).repeat_interleave(per_class) + 1
     x_T = starting_noise(len(labels), config, device)
@@ -141,8 +150,6 @@ def eval(modelConfig):
     names = class_names(config["save_dir"], num_labels, config["dataset"])
     tqdm.write(f"rows: {', '.join(names[c] for c in classes)} (classes {classes}); grids left to "
                f"right: w = {', '.join(map(str, weights))}")
-    if config["num_samples"]:
-        export(config, model, classes)
 
 
 def save_process(config, processes, samples, per_class):
@@ -164,7 +171,7 @@ def export_folder(config, w):
     return os.path.join(config["export_dir"], f"w{w:g}")
 
 
-def export(config, model, classes):
+def export(config, model, classes, processes=None):
     """num_samples samples per guidance weight, the classes taking turns, as PNG files in
     export_folder(config, w)."""
     device = torch.device(config["device"])
@@ -176,16 +183,20 @@ def export(config, model, classes):
             labels = class_labels[torch.arange(first, first + count, device=device) % len(classes)]
             return sampler(starting_noise(count, config, device), labels)
         export_samples(draw, export_folder(config, w), config["num_samples"], config["batch_size"],
-                       config["seed"], description=f"export w={w:g}")
+                       config["seed"], description=f"export w={w:g}", processes=processes)
 
 
 def fid(modelConfig):
     """FID and IS against the training set of fid_images or, when that is None, of num_samples
-    samples of test_load_weight for each w, exported first (continuing an earlier export)."""
-    config = modelConfig
-    if config["fid_images"] is not None:
-        report_scores(config, {"samples": config["fid_images"]})
-        return
-    model, num_labels = trained_model(config, torch.device(config["device"]))
-    export(config, model, classes_to_sample(config, num_labels))
-    report_scores(config, {f"w = {w:g}": export_folder(config, w) for w in guidance_weights(config)})
+    samples of test_load_weight for each w, exported first (continuing an earlier export; under
+    torchrun, each process exports its share and the first one scores)."""
+    with torchrun_processes(modelConfig) as processes:
+        config = processes.on_its_device(modelConfig)
+        if config["fid_images"] is not None:
+            folders = {"samples": config["fid_images"]}
+        else:
+            model, num_labels = trained_model(config, processes.device)
+            export(config, model, classes_to_sample(config, num_labels), processes)
+            folders = {f"w = {w:g}": export_folder(config, w) for w in guidance_weights(config)}
+        if processes.is_main:
+            report_scores(config, folders)

@@ -1,6 +1,6 @@
 """Training on two CPU processes with torchrun (gloo): both end with the same weights, one set
 of files is written, the result is one process's with twice the batch, and the run continues
-as on one process."""
+as on one process. Exporting samples on two processes writes the images one process writes."""
 import os
 import subprocess
 import sys
@@ -17,10 +17,10 @@ RUN = {"T": 10, "channel": 32, "channel_mult": [1, 2], "attn": [1], "num_res_blo
        "save_every": 1, "log_every": 1, "sample_every": 1}
 
 
-def torchrun(*arguments, cwd):
-    """python -m torch.distributed.run --standalone --nproc_per_node=2 Main.py arguments."""
+def torchrun(*arguments, cwd, script="Main.py"):
+    """python -m torch.distributed.run --standalone --nproc_per_node=2 script arguments."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               str(REPO / "Main.py"), *arguments]
+               str(REPO / script), *arguments]
     process = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=600,
                              env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
     if process.returncode != 0:
@@ -28,9 +28,9 @@ def torchrun(*arguments, cwd):
     return process
 
 
-def arguments(images, folder, **changes):
-    return as_arguments(script_config("Main", {**RUN, **changes}, dataset=images,
-                                      save_weight_dir=folder, sampled_dir=Path(folder) / "unused"))
+def arguments(images, folder, sampled_dir=None, **changes):
+    return as_arguments(script_config("Main", {**RUN, **changes}, dataset=images, save_weight_dir=folder,
+                                      sampled_dir=sampled_dir or Path(folder) / "unused"))
 
 
 @pytest.fixture(scope="module")
@@ -74,3 +74,39 @@ def test_two_processes_continue_a_run_as_one_does(two_processes):
     state = torch.load(root / "two" / TRAINING_STATE, weights_only=True)
     assert (state["epoch"], state["step"], state["world_size"]) == (3, 12, 2)
     assert len(state["rng"]) == 2  # each process's generators
+
+
+def exported_files(folder):
+    """{file name: its bytes} of the PNGs under folder."""
+    return {path.relative_to(folder).as_posix(): path.read_bytes() for path in sorted(Path(folder).rglob("*.png"))}
+
+
+def test_two_processes_export_the_images_one_process_exports(two_processes):
+    root, images, _ = two_processes
+    folders = {}
+    for name in ("one", "two"):  # 5 images in batches of 2: process 0 draws 2 batches, process 1 one
+        sample = arguments(images, root / "one", state="eval", test_load_weight="ckpt_1_.pt", batch_size=2,
+                           num_samples=5, seed=3, sampled_dir=root / f"eval-{name}",
+                           export_dir=root / f"export-{name}")
+        process = run_or_fail("Main.py", *sample, cwd=root) if name == "one" else torchrun(*sample, cwd=root)
+        folders[name] = exported_files(root / f"export-{name}")
+    assert process.stderr.count("export (process 0's share: 1/2)") >= 1
+    assert sorted(folders["two"]) == [f"{index:06d}.png" for index in range(5)]
+    assert folders["two"] == folders["one"]  # the same images, bit for bit
+    grids = sorted(path.name for path in (root / "eval-two").iterdir())
+    assert grids == sorted(path.name for path in (root / "eval-one").iterdir())  # written once, by process 0
+
+
+def test_two_processes_export_the_guided_samples_one_process_exports(trained_conditional, tmp_path):
+    folders = {}
+    for name in ("one", "two"):
+        config = {**trained_conditional, "state": "eval", "test_load_weight": "ckpt_0_.pt", "batch_size": 3,
+                  "num_samples": 7, "w": [0., 2.], "seed": 3, "process_frames": 0,
+                  "sampled_dir": str(tmp_path / f"eval-{name}"), "export_dir": str(tmp_path / f"export-{name}")}
+        if name == "one":
+            run_or_fail("MainCondition.py", *as_arguments(config), cwd=tmp_path)
+        else:
+            torchrun(*as_arguments(config), cwd=tmp_path, script="MainCondition.py")
+        folders[name] = exported_files(tmp_path / f"export-{name}")
+    assert sorted(folders["two"]) == [f"w{w}/{index:06d}.png" for w in (0, 2) for index in range(7)]
+    assert folders["two"] == folders["one"]
