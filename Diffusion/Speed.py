@@ -30,6 +30,7 @@ def grad_scaler(config, device):
 
 def adamw(parameters, lr, device):
     """AdamW with the original's weight decay 1e-4, fused where `device` supports it."""
+    parameters = list(parameters)  # read twice when the device has no fused kernel
     try:
         return torch.optim.AdamW(parameters, lr=lr, weight_decay=1e-4, fused=True)
     except RuntimeError:  # no fused kernel for this device

@@ -138,32 +138,32 @@ def save_guided_samples_and_process(config, model, classes, num_labels):
 
     weights = guidance_weights(config)
     noise_seed = int(torch.randint(2 ** 62, ()))
-    samples, processes = [], []
+    samples, recorders = [], []
     for w in weights:
         torch.manual_seed(noise_seed)  # the same noise at every step for every w
-        processes.append(ProcessRecorder(steps_of(config), frames_of(config)))
-        on_step = processes[-1] if config["process_frames"] else None
+        recorders.append(ProcessRecorder(steps_of(config), frames_of(config)))
+        on_step = recorders[-1] if config["process_frames"] else None
         samples.append(sampler_of(config, model, w)(x_T, labels, on_step=on_step))
     save_grid(side_by_side(samples, per_class), config["sampled_dir"], config["sampledImgName"], len(weights))
     if config["process_frames"]:
-        save_process(config, processes, samples, per_class)
+        save_process(config, recorders, samples, per_class)
     names = class_names(config["save_dir"], num_labels, config["dataset"])
     tqdm.write(f"rows: {', '.join(names[c] for c in classes)} (classes {classes}); grids left to "
                f"right: w = {', '.join(map(str, weights))}")
 
 
-def save_process(config, processes, samples, per_class):
+def save_process(config, recorders, samples, per_class):
     """The process picture (rows: the first image of each class, for each w in turn) and the GIF
     of the grids side by side."""
-    for process, x_0 in zip(processes, samples):
-        process.finish(x_0)
+    for recorder, x_0 in zip(recorders, samples):
+        recorder.finish(x_0)
     first_of_each_class = torch.arange(0, len(samples[0]), per_class)
-    save_process_picture(torch.cat([p.x_t[:, first_of_each_class] for p in processes], dim=1),
-                         torch.cat([p.x_0[:, first_of_each_class] for p in processes], dim=1),
+    save_process_picture(torch.cat([r.x_t[:, first_of_each_class] for r in recorders], dim=1),
+                         torch.cat([r.x_0[:, first_of_each_class] for r in recorders], dim=1),
                          config["sampled_dir"], config["sampledProcessImgName"])
-    frames = torch.stack([side_by_side([p.x_t[frame] for p in processes], per_class)
+    frames = torch.stack([side_by_side([r.x_t[frame] for r in recorders], per_class)
                           for frame in range(frames_of(config))])
-    save_process_gif(frames, len(processes), config["sampled_dir"], config["sampledProcessGifName"])
+    save_process_gif(frames, len(recorders), config["sampled_dir"], config["sampledProcessGifName"])
 
 
 def export_folder(config, w):
