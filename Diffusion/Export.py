@@ -24,17 +24,15 @@ def batch_seed(seed, batch):
     return hash((seed, batch)) % 2 ** 63
 
 
-def export_samples(draw, folder, num_samples, batch_size, seed=None, description="export", processes=None):
+def export_samples(draw, folder, num_samples, batch_size, processes, seed=None, description="export"):
     """Write images 0 .. num_samples - 1 that are not yet in `folder`; draw(first, count) ->
     images [count, 3, H, W] in [-1, 1] for indices first .. first + count - 1 (the conditional
     model picks each index's class from it). A progress bar counts the images, with an ETA.
-    seed None: a new random export. processes (Distributed.Processes; None: one): each draws its
-    share of the batches, and all return together. Returns how many images this process wrote."""
-    rank, world_size = (processes.rank, processes.world_size) if processes else (0, 1)
+    processes (Distributed.Processes): each draws its share of the batches, and all return
+    together. seed None: a new random export. Returns how many images this process wrote."""
+    rank, world_size = processes.rank, processes.world_size
     os.makedirs(folder, exist_ok=True)
-    seed = common_seed(seed, processes) if processes else seed
-    if seed is None:
-        seed = int(torch.randint(2 ** 62, ()))
+    seed = common_seed(seed, processes)  # the same in every process
     batches = [range(first, min(first + batch_size, num_samples))
                for first in range(0, num_samples, batch_size)]
     missing = {index for index in range(num_samples) if not os.path.exists(sample_file(folder, index))}
@@ -58,6 +56,5 @@ def export_samples(draw, folder, num_samples, batch_size, seed=None, description
                     save_png_atomically(image, sample_file(folder, index))
                     written += 1
                     bar.update()
-    if processes:
-        wait_for_all(processes)
+    wait_for_all(processes)
     return written

@@ -260,12 +260,11 @@ def save_samples_and_process(config, sampler):
         save_process_gif(process.x_t, config["nrow"], config["sampled_dir"], config["sampledProcessGifName"])
 
 
-def export(config, sampler, processes=None):
-    """num_samples samples of `sampler` as PNG files in export_dir."""
+def export(config, sampler, processes):
+    """num_samples samples of `sampler` as PNG files in export_dir (each process its share)."""
     device = torch.device(config["device"])
     export_samples(lambda first, count: sampler(starting_noise(count, config, device)),
-                   config["export_dir"], config["num_samples"], config["batch_size"], config["seed"],
-                   processes=processes)
+                   config["export_dir"], config["num_samples"], config["batch_size"], processes, config["seed"])
 
 
 def fid(modelConfig):

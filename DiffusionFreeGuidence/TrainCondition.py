@@ -171,7 +171,7 @@ def export_folder(config, w):
     return os.path.join(config["export_dir"], f"w{w:g}")
 
 
-def export(config, model, classes, processes=None):
+def export(config, model, classes, processes):
     """num_samples samples per guidance weight, the classes taking turns, as PNG files in
     export_folder(config, w)."""
     device = torch.device(config["device"])
@@ -182,8 +182,8 @@ def export(config, model, classes, processes=None):
         def draw(first, count):
             labels = class_labels[torch.arange(first, first + count, device=device) % len(classes)]
             return sampler(starting_noise(count, config, device), labels)
-        export_samples(draw, export_folder(config, w), config["num_samples"], config["batch_size"],
-                       config["seed"], description=f"export w={w:g}", processes=processes)
+        export_samples(draw, export_folder(config, w), config["num_samples"], config["batch_size"], processes,
+                       config["seed"], description=f"export w={w:g}")
 
 
 def fid(modelConfig):

@@ -7,7 +7,9 @@ measured in one run.
 
 Every variant is the real training step of Diffusion/Train.py (Algorithm 1, clipping, AdamW, the
 EMA update) on the default config of the chosen script; "plain" is the original's float32 path
-with every option off (AdamW not fused). The variants' steps alternate, round after round, so
+with every option off (AdamW not fused) and the model's attention (Model.attention: fused on a
+GPU, matmul-softmax-matmul on a CPU); "matmul attention" puts the original's bmm attention in its
+place on any device. The variants' steps alternate, round after round, so
 that a machine that slows down or speeds up affects them alike; the table gives the median
 images per second over the rounds, the ratio to plain, and the memory the step takes above what
 was allocated before it (CUDA: peak allocated; CPU: peak resident set). Sampling is timed the
@@ -17,7 +19,6 @@ model FLOPs utilisation of the best combination: FLOPs per image from
 torch.utils.flop_counter.FlopCounterMode, against the GPU's bf16 peak (--peak_tflops).
 """
 import argparse
-import platform
 import statistics
 import sys
 import time
@@ -30,7 +31,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import Main  # noqa: E402
-from benchmarks.speed import explicit_attention  # noqa: E402
+from benchmarks.speed import cpu_name, explicit_attention  # noqa: E402
 import MainCondition  # noqa: E402
 from Diffusion.Diffusion import GaussianDiffusionTrainer  # noqa: E402
 from Diffusion.Distributed import Processes  # noqa: E402
@@ -45,7 +46,7 @@ from DiffusionFreeGuidence.TrainCondition import guided_loss  # noqa: E402
 from DiffusionFreeGuidence.ModelCondition import UNet as ConditionalUNet  # noqa: E402
 from DiffusionFreeGuidence.TrainCondition import unet_of as conditional_unet_of  # noqa: E402
 
-OPTIONS_OFF = {"amp": "none", "compile": False, "channels_last": False, "fused": False, "attention": "sdpa"}
+OPTIONS_OFF = {"amp": "none", "compile": False, "channels_last": False, "fused": False, "attention": "by device"}
 VARIANTS = {
     "plain": {},
     "bf16": {"amp": "bf16"},
@@ -164,12 +165,7 @@ def flops_per_image(variant):
 def machine(device):
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as info:
-            name = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
-    except (OSError, StopIteration):
-        name = platform.machine()
-    return f"{name}, {torch.get_num_threads()} threads"
+    return f"{cpu_name()}, {torch.get_num_threads()} threads"
 
 
 def main():

@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import Main  # noqa: E402
 import MainCondition  # noqa: E402
 from benchmarks.speed import cpu_name  # noqa: E402
+from Diffusion.Distributed import Processes  # noqa: E402
 from Diffusion.Images import save_png_atomically, starting_noise  # noqa: E402
 from Diffusion.Metrics import StandInClassifier, reference_images, report_scores  # noqa: E402
 from Diffusion.Sampling import sampler_of  # noqa: E402
@@ -127,7 +128,7 @@ def fid_rows(args, device):
     for name, choice in SAMPLERS.items():
         sampler_config = {**config, **choice, "export_dir": str(run / "samples" / name.split()[0])}
         start = time.perf_counter()
-        export(sampler_config, sampler_of(sampler_config, model))
+        export(sampler_config, sampler_of(sampler_config, model), Processes(device))
         print(f"{name}: exported in {time.perf_counter() - start:.0f} s")
         folders[name] = sampler_config["export_dir"]
     real = run / "samples" / "training-images"

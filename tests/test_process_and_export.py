@@ -11,10 +11,13 @@ import Main
 import MainCondition
 from conftest import grid_size
 from Diffusion.Diffusion import GaussianDiffusionSampler
+from Diffusion.Distributed import Processes
 from Diffusion.Export import export_samples
 from Diffusion.Images import starting_noise
 from Diffusion.Process import ProcessRecorder
 from test_diffusion import BETA_1, BETA_T, KnownEps
+
+ONE_CPU_PROCESS = Processes(torch.device("cpu"))
 
 
 def pixels(path):
@@ -131,7 +134,7 @@ def export_with(model, folder, drawn=None):
         if drawn is not None:
             drawn.append((first, count))
         return sampler(starting_noise(count, {"img_channels": 3, "img_size": 4}, "cpu"), progress=False)
-    return export_samples(draw, str(folder), num_samples=7, batch_size=3, seed=11)
+    return export_samples(draw, str(folder), num_samples=7, batch_size=3, processes=ONE_CPU_PROCESS, seed=11)
 
 
 def test_export_continues_after_an_interruption_with_the_same_images(tmp_path):
