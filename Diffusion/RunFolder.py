@@ -87,6 +87,7 @@ def disk_plan(config, folder, first_epoch, weights_mb, state_mb):
     keeping = "all kept" if config["keep_last"] is None else f"the newest {config['keep_last']} kept"
     minutes = config["save_state_minutes"]
     return (f"this run writes into {folder}: ckpt_{{epoch}}_.pt after epoch {shown or 'none'} "
-            f"({len(epochs)} snapshots of {_amount(weights_mb)}, {keeping}) and {TRAINING_STATE} "
+            f"({len(epochs)} snapshot{'' if len(epochs) == 1 else 's'} of {_amount(weights_mb)}, {keeping}) "
+            f"and {TRAINING_STATE} "
             f"({_amount(state_mb)}) after every epoch and every {minutes:g} minutes: about "
             f"{_amount(kept * weights_mb + state_mb)} in all")
