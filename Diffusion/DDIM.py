@@ -30,19 +30,9 @@ class DDIMSampler(Sampler):
         self.register_buffer("sqrt_alphas_bar_prev", alphas_bar_prev.sqrt())
         self.register_buffer("direction_coef", (1. - alphas_bar_prev - sigmas ** 2).clamp(min=0.).sqrt())
 
-    def eps_and_x0(self, x_t, i, *condition):
-        """eps_theta(x_t, t) and the x_0 predicted from it, both [B, C, H, W]; with
-        clip_denoised, the eps that the clipped x_0 implies (Eq. 9 solved for eps)."""
-        eps = self.noise_estimate(x_t, self.timesteps[i], *condition)
-        x_0 = self.predict_x0(x_t, i, eps)
-        if self.clip_denoised:
-            eps = ((extract(self.sqrt_recip_alphas_bar, i, x_t.shape) * x_t - x_0)
-                   / extract(self.sqrt_recipm1_alphas_bar, i, x_t.shape))
-        return eps, x_0
-
     def step(self, x_t, i, *condition, last):
         """Eq. 12: (x at the previous visited timestep, predicted x_0)."""
-        eps, x_0 = self.eps_and_x0(x_t, i, *condition)
+        eps, x_0 = self.denoise(x_t, i, *condition)
         x_prev = (extract(self.sqrt_alphas_bar_prev, i, x_t.shape) * x_0
                   + extract(self.direction_coef, i, x_t.shape) * eps)
         if self.eta > 0 and not last:
@@ -60,7 +50,7 @@ class DDIMSampler(Sampler):
                           dynamic_ncols=True):
             i = torch.full((x_0.shape[0],), index, dtype=torch.long, device=x_0.device)
             # x sits at abar_{tau_{i-1}}; eps and x_0 as a step down from tau_i would see them
-            eps = self.noise_estimate(x, self.timesteps[i], *condition)
+            eps = self.model(x, self.timesteps[i], *condition)
             x_0_predicted = (x - (1. - extract(self.alphas_bar_prev, i, x.shape)).sqrt() * eps) \
                 / extract(self.sqrt_alphas_bar_prev, i, x.shape)
             x = (extract(self.alphas_bar, i, x.shape).sqrt() * x_0_predicted

@@ -1,6 +1,6 @@
 """Gaussian diffusion (Ho et al. 2020): training by Algorithm 1, sampling by Algorithm 2, on all
 T steps or on a shorter respaced schedule (Nichol & Dhariwal 2021). `Sampler` is the reverse
-loop every sampler shares (DDIM's is in DDIM.py).
+process every sampler shares (DDIM's steps are in DDIM.py, the ODE solvers' in Solvers.py).
 
 Notation of the paper: betas beta_t, alphas alpha_t = 1 - beta_t, alphas_bar
 abar_t = prod_{s<=t} alpha_s. Timesteps are 0-based here: index t = 0..T-1 is the paper's
@@ -14,9 +14,9 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from Diffusion.Randomness import GlobalBatch
+from Diffusion.Machinery.Randomness import GlobalBatchRandomness
 
-SINGLE_PROCESS = GlobalBatch()  # draws from torch's global generator
+SINGLE_PROCESS = GlobalBatchRandomness()  # draws from torch's global generator
 
 
 def linear_betas(beta_1, beta_T, T):
@@ -25,9 +25,9 @@ def linear_betas(beta_1, beta_T, T):
     return torch.linspace(beta_1, beta_T, T).double()
 
 
-def extract(coefficients, t, x_shape):
-    """coefficients[t] as float32 [B, 1, 1, 1], to broadcast against x [B, C, H, W]."""
-    return coefficients[t].float().view(-1, *[1] * (len(x_shape) - 1))
+def extract(v, t, x_shape):
+    """v[t] as float32 [B, 1, 1, 1], to broadcast against x [B, C, H, W]."""
+    return v[t].float().view(-1, *[1] * (len(x_shape) - 1))
 
 
 class GaussianDiffusionTrainer(nn.Module):
@@ -42,13 +42,13 @@ class GaussianDiffusionTrainer(nn.Module):
         self.register_buffer("sqrt_alphas_bar", alphas_bar.sqrt())
         self.register_buffer("sqrt_one_minus_alphas_bar", (1. - alphas_bar).sqrt())
 
-    def forward(self, x_0, *condition, batch=SINGLE_PROCESS):
+    def forward(self, x_0, *condition, randomness=SINGLE_PROCESS):
         """x_0 [B, C, H, W] in [-1, 1] -> per-element squared error [B, C, H, W] at a random
         t ~ Uniform{0..T-1} and eps ~ N(0, I). `condition` goes to the model after t (the
-        class labels [B] of the conditional model). `batch` draws t and eps (a GlobalBatch:
-        an image gets the same ones whatever the number of training processes)."""
-        t = batch.randint(self.T, x_0.shape[0], x_0.device)
-        noise = batch.randn_like(x_0)
+        class labels [B] of the conditional model). `randomness` draws t and eps (a
+        GlobalBatchRandomness: an image gets the same ones whatever the number of processes)."""
+        t = randomness.randint(self.T, x_0.shape[0], x_0.device)
+        noise = randomness.randn_like(x_0)
         return self.noise_prediction_error(x_0, t, noise, *condition)
 
     def noise_prediction_error(self, x_0, t, noise, *condition):
@@ -88,11 +88,12 @@ def respaced_betas(betas, timesteps):
 
 class Sampler(nn.Module):
     """What every sampler shares: the reverse process from x_T ~ N(0, I) to x_0 over `timesteps`
-    (default: all T), one `step` per visited timestep, last to first.
+    (default: all T), last to first.
 
-    The network runs in exactly one place, `noise_estimate`; the guided model plugs in there
-    (DiffusionFreeGuidence/DiffusionCondition.py), and so would mixed precision. Coefficient
-    tensors are indexed by i, the position in `timesteps` (equal to t when every step is taken).
+    The network runs in exactly one place, `denoise`; the guided model plugs in there (as the
+    model), and so do the speed options. Coefficient tensors are indexed by i, the position in
+    `timesteps` (equal to t when every step is taken). A sampler either defines `step` (one step
+    at a time) or replaces `reverse_steps` (a multistep solver that keeps its history).
     """
 
     def __init__(self, model, beta_1, beta_T, T, timesteps=None, clip_denoised=False):
@@ -108,43 +109,57 @@ class Sampler(nn.Module):
         self.register_buffer("sqrt_recip_alphas_bar", (1. / alphas_bar).sqrt())
         self.register_buffer("sqrt_recipm1_alphas_bar", (1. / alphas_bar - 1.).sqrt())
 
-    def noise_estimate(self, x_t, t, *condition):
-        """eps_theta(x_t, t): [B, C, H, W], t [B] the model's timesteps (0..T-1)."""
-        return self.model(x_t, t, *condition)
-
     def predict_x0(self, x_t, i, eps):
-        """x_0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t), Eq. 4 solved for x_0 (DDIM Eq. 9);
-        clipped to [-1, 1] with clip_denoised. [B, C, H, W]."""
-        x_0 = (extract(self.sqrt_recip_alphas_bar, i, x_t.shape) * x_t
-               - extract(self.sqrt_recipm1_alphas_bar, i, x_t.shape) * eps)
-        return x_0.clamp(-1., 1.) if self.clip_denoised else x_0
+        """x_0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t), Eq. 4 solved for x_0 (DDIM Eq. 9).
+        [B, C, H, W]."""
+        return (extract(self.sqrt_recip_alphas_bar, i, x_t.shape) * x_t
+                - extract(self.sqrt_recipm1_alphas_bar, i, x_t.shape) * eps)
+
+    def denoise(self, x_t, i, *condition):
+        """eps_theta(x_t, t) at t = timesteps[i] and the x_0 predicted from it, both [B, C, H, W];
+        i [B]: positions in `timesteps`. With clip_denoised, x_0 is clipped to [-1, 1] and eps is
+        the one that the clipped x_0 implies (Eq. 9 solved for eps)."""
+        eps = self.model(x_t, self.timesteps[i], *condition)
+        x_0 = self.predict_x0(x_t, i, eps)
+        if not self.clip_denoised:
+            return eps, x_0
+        x_0 = x_0.clamp(-1., 1.)
+        eps = ((extract(self.sqrt_recip_alphas_bar, i, x_t.shape) * x_t - x_0)
+               / extract(self.sqrt_recipm1_alphas_bar, i, x_t.shape))
+        return eps, x_0
 
     def step(self, x_t, i, *condition, last):
         """One reverse step from x_t at positions i [B]: (x_{t-1}, predicted x_0). `last`: the
         step to the data, which adds no noise."""
         raise NotImplementedError
 
+    def reverse_steps(self, x_T, *condition):
+        """The reverse process, one `step` per visited timestep: yields (x_t, the x_0 predicted
+        from it, x_{t-1}) for t from the last visited timestep down to the first."""
+        x_t = x_T
+        for index in reversed(range(len(self.timesteps))):
+            i = torch.full((x_T.shape[0],), index, dtype=torch.long, device=x_T.device)
+            x_prev, x_0 = self.step(x_t, i, *condition, last=index == 0)
+            yield x_t, x_0, x_prev
+            x_t = x_prev
+
     @torch.no_grad()
     def forward(self, x_T, *condition, progress=True, on_step=None):
         """x_T [B, C, H, W] ~ N(0, I) -> x_0 [B, C, H, W], clipped to [-1, 1].
         on_step(x_t, x_0): called at each step with x_t and the x_0 predicted from it."""
-        x_t = x_T
+        x_prev = x_T
         has_nan = torch.zeros((), dtype=torch.bool, device=x_T.device)
-        steps = len(self.timesteps)
-        for index in tqdm(reversed(range(steps)), total=steps, desc="sampling",
-                          disable=not progress, leave=False, dynamic_ncols=True):
-            i = torch.full((x_T.shape[0],), index, dtype=torch.long, device=x_T.device)
-            x_prev, x_0 = self.step(x_t, i, *condition, last=index == 0)
+        for x_t, x_0, x_prev in tqdm(self.reverse_steps(x_T, *condition), total=len(self.timesteps),
+                                     desc="sampling", disable=not progress, leave=False, dynamic_ncols=True):
             if on_step is not None:
                 on_step(x_t, x_0)
-            x_t = x_prev
-            has_nan |= x_t.isnan().any()  # stays on the device: no sync inside the loop
+            has_nan |= x_prev.isnan().any()  # stays on the device: no sync inside the loop
         if has_nan:
             raise FloatingPointError(
                 "sampling produced NaN: the model's weights hold NaN or inf, or diverged in "
                 "training; check the checkpoint (test_load_weight) and that beta_1, beta_T and T "
                 "are the ones it was trained with")
-        return x_t.clip(-1., 1.)
+        return x_prev.clip(-1., 1.)
 
 
 class GaussianDiffusionSampler(Sampler):
@@ -171,23 +186,35 @@ class GaussianDiffusionSampler(Sampler):
         posterior_var = betas * (1. - alphas_bar_prev) / (1. - alphas_bar)
         self.register_buffer("posterior_mean_coef1", betas * alphas_bar_prev.sqrt() / (1. - alphas_bar))
         self.register_buffer("posterior_mean_coef2", (1. - alphas_bar_prev) * alphas.sqrt() / (1. - alphas_bar))
-        # fixedlarge: sigma_t^2 = beta_t; its first entry (no noise is added there) is the
-        # posterior variance instead, as the original.
-        fixedlarge = torch.cat([posterior_var[1:2], betas[1:]])
-        self.register_buffer("sample_var", fixedlarge if variance == "fixedlarge" else posterior_var)
+        # The first entry adds no noise when sampling; it is the decoder's variance of the
+        # likelihood (Likelihood.py): the posterior variance of the second step for both
+        # choices, as the original's fixedlarge and the official code's fixedsmall, which keeps
+        # it above 0.
+        fixed = betas if variance == "fixedlarge" else posterior_var
+        self.register_buffer("sample_var", torch.cat([posterior_var[1:2], fixed[1:]]))
 
-    def p_mean_variance(self, x_t, i, *condition):
-        """The mean and variance of p_theta(x_{t-1} | x_t), [B, C, H, W] and [B, 1, 1, 1], and the
-        x_0 predicted on the way [B, C, H, W]; i [B]: positions in `timesteps`."""
-        eps = self.noise_estimate(x_t, self.timesteps[i], *condition)
-        x_0 = self.predict_x0(x_t, i, eps)
+    def predict_xt_prev_mean_from_eps(self, x_t, t, eps):
+        """mu_theta = 1/sqrt(alpha_t) (x_t - beta_t / sqrt(1 - abar_t) eps) (Eq. 11) [B, C, H, W];
+        t [B]: positions in `timesteps`."""
+        return extract(self.coeff1, t, x_t.shape) * x_t - extract(self.coeff2, t, x_t.shape) * eps
+
+    def mean(self, x_t, i, eps, x_0):
+        """The mean of p_theta(x_{t-1} | x_t): Eq. 11, or with clip_denoised the posterior mean
+        of Eq. 7 at the clipped x_0. [B, C, H, W]."""
         if self.clip_denoised:
-            mean = (extract(self.posterior_mean_coef1, i, x_t.shape) * x_0
+            return (extract(self.posterior_mean_coef1, i, x_t.shape) * x_0
                     + extract(self.posterior_mean_coef2, i, x_t.shape) * x_t)
-        else:
-            mean = extract(self.coeff1, i, x_t.shape) * x_t - extract(self.coeff2, i, x_t.shape) * eps
-        return mean, extract(self.sample_var, i, x_t.shape), x_0
+        return self.predict_xt_prev_mean_from_eps(x_t, i, eps)
+
+    def p_mean_variance(self, x_t, t, *condition):
+        """The mean and variance of p_theta(x_{t-1} | x_t): [B, C, H, W] and [B, 1, 1, 1];
+        t [B]: positions in `timesteps`."""
+        eps, x_0 = self.denoise(x_t, t, *condition)
+        return self.mean(x_t, t, eps, x_0), extract(self.sample_var, t, x_t.shape)
 
     def step(self, x_t, i, *condition, last):
-        mean, var, x_0 = self.p_mean_variance(x_t, i, *condition)
-        return (mean if last else mean + var.sqrt() * torch.randn_like(x_t)), x_0
+        eps, x_0 = self.denoise(x_t, i, *condition)
+        mean = self.mean(x_t, i, eps, x_0)
+        if last:
+            return mean, x_0
+        return mean + extract(self.sample_var, i, x_t.shape).sqrt() * torch.randn_like(x_t), x_0

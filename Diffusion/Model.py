@@ -15,6 +15,19 @@ from torch.nn import init
 DOWNSAMPLE_PADDINGS = ("symmetric", "same")
 
 
+class Swish(nn.Module):
+    """x sigmoid(x) (Ramachandran et al. 2017), the activation of every block."""
+
+    def forward(self, x):
+        return F.silu(x)
+
+
+def xavier(layer, gain=1.):
+    """Xavier-uniform weights of a conv or linear layer (scaled by `gain`), zero biases."""
+    init.xavier_uniform_(layer.weight, gain=gain)
+    init.zeros_(layer.bias)
+
+
 def sinusoidal_table(T, d_model):
     """The Transformer's position embedding (Vaswani et al. 2017, Sec. 3.5) of t = 0..T-1.
 
@@ -28,12 +41,12 @@ def sinusoidal_table(T, d_model):
 
 def embedding_projection(emb_dim, out_ch):
     """Swish then Linear: an embedding [B, emb_dim] -> a per-channel bias [B, out_ch]."""
-    return nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, out_ch))
+    return nn.Sequential(Swish(), nn.Linear(emb_dim, out_ch))
 
 
 def embedding_mlp(table, d_model, dim):
     """An embedding table of width d_model, then Linear-Swish-Linear to `dim`."""
-    return nn.Sequential(table, nn.Linear(d_model, dim), nn.SiLU(), nn.Linear(dim, dim))
+    return nn.Sequential(table, nn.Linear(d_model, dim), Swish(), nn.Linear(dim, dim))
 
 
 class TimeEmbedding(nn.Module):
@@ -47,6 +60,10 @@ class TimeEmbedding(nn.Module):
         super().__init__()
         table = nn.Embedding.from_pretrained(sinusoidal_table(T, d_model), freeze=not trainable)
         self.timembedding = embedding_mlp(table, d_model, dim)
+
+    def initialize(self):
+        xavier(self.timembedding[1])
+        xavier(self.timembedding[3])
 
     def forward(self, t):
         return self.timembedding(t)
@@ -64,6 +81,9 @@ class DownSample(nn.Module):
         self.pad_after_only = padding == "same"
         self.main = nn.Conv2d(in_ch, in_ch, 3, stride=2, padding=0 if self.pad_after_only else 1)
 
+    def initialize(self):
+        xavier(self.main)
+
     def forward(self, x, *embeddings):
         if self.pad_after_only:
             x = F.pad(x, (0, 1, 0, 1))
@@ -76,6 +96,9 @@ class UpSample(nn.Module):
     def __init__(self, in_ch):
         super().__init__()
         self.main = nn.Conv2d(in_ch, in_ch, 3, padding=1)
+
+    def initialize(self):
+        xavier(self.main)
 
     def forward(self, x, *embeddings):
         return self.main(F.interpolate(x, scale_factor=2, mode="nearest"))
@@ -105,6 +128,12 @@ class AttnBlock(nn.Module):
         self.proj_v = nn.Conv2d(in_ch, in_ch, 1)
         self.proj = nn.Conv2d(in_ch, in_ch, 1)
 
+    def initialize(self):
+        """The output projection starts near zero (gain 1e-5): the block starts as the identity."""
+        for projection in (self.proj_q, self.proj_k, self.proj_v):
+            xavier(projection)
+        xavier(self.proj, gain=1e-5)
+
     def forward(self, x):
         B, C, H, W = x.shape
         h = self.group_norm(x)
@@ -126,7 +155,7 @@ class ResBlock(nn.Module):
         super().__init__()
         self.block1 = nn.Sequential(
             nn.GroupNorm(32, in_ch, eps=eps),
-            nn.SiLU(),
+            Swish(),
             nn.Conv2d(in_ch, out_ch, 3, padding=1),
         )
         self.temb_proj = embedding_projection(tdim, out_ch)
@@ -134,12 +163,21 @@ class ResBlock(nn.Module):
             self.cond_proj = embedding_projection(cond_dim, out_ch)
         self.block2 = nn.Sequential(
             nn.GroupNorm(32, out_ch, eps=eps),
-            nn.SiLU(),
+            Swish(),
             nn.Dropout(dropout),
             nn.Conv2d(out_ch, out_ch, 3, padding=1),
         )
         self.shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
         self.attn = AttnBlock(out_ch, eps) if attn else nn.Identity()
+
+    def initialize(self):
+        """The residual branch starts near zero (gain 1e-5 on its last conv); the attention
+        initialises itself."""
+        attention = set(self.attn.modules())
+        for layer in self.modules():
+            if isinstance(layer, (nn.Conv2d, nn.Linear)) and layer not in attention:
+                xavier(layer)
+        xavier(self.block2[-1], gain=1e-5)
 
     def forward(self, x, temb, cemb=None):
         h = self.block1(x) + self.temb_proj(temb)[:, :, None, None]
@@ -189,7 +227,7 @@ class UNetBody(nn.Module):
 
         self.tail = nn.Sequential(
             nn.GroupNorm(32, now_ch, eps=eps),
-            nn.SiLU(),
+            Swish(),
             nn.Conv2d(now_ch, img_channels, 3, padding=1),
         )
 
@@ -242,16 +280,11 @@ class UNet(UNetBody):
     def initialize(self):
         """Xavier-uniform weights and zero biases; every residual branch (each ResBlock's last
         conv, each attention output projection) and the tail start near zero (gain 1e-5)."""
-        for module in self.modules():
-            if isinstance(module, (nn.Conv2d, nn.Linear)):
-                init.xavier_uniform_(module.weight)
-                init.zeros_(module.bias)
-        for module in self.modules():
-            if isinstance(module, ResBlock):
-                init.xavier_uniform_(module.block2[-1].weight, gain=1e-5)
-            if isinstance(module, AttnBlock):
-                init.xavier_uniform_(module.proj.weight, gain=1e-5)
-        init.xavier_uniform_(self.tail[-1].weight, gain=1e-5)
+        xavier(self.head)
+        xavier(self.tail[-1], gain=1e-5)
+        for block in self.modules():
+            if block is not self and hasattr(block, "initialize"):
+                block.initialize()
 
     def forward(self, x, t):
         return self.run_body(x, self.time_embedding(t))

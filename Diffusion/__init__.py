@@ -1,5 +1,3 @@
-"""Unconditional DDPM: the UNet (Model.py), Algorithms 1 and 2 (Diffusion.py), train and eval (Train.py)."""
-from Diffusion.Diffusion import GaussianDiffusionSampler, GaussianDiffusionTrainer
-from Diffusion.Model import UNet
-
-__all__ = ["GaussianDiffusionSampler", "GaussianDiffusionTrainer", "UNet"]
+"""Denoising diffusion probabilistic models (Ho et al. 2020), as the paper has them: the UNet
+eps_theta, training by Algorithm 1, sampling by Algorithm 2 and its fast successors, the EMA of
+the weights, and the training recipe. The machinery of a run is in Diffusion/Machinery."""

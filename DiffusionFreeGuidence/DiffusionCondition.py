@@ -2,15 +2,15 @@
 
 Training is Algorithm 1 with the class labels as one more model input, which Diffusion's
 GaussianDiffusionTrainer passes on (`trainer(x_0, labels)`). Sampling is any of Diffusion/'s
-samplers (Algorithm 2, DDIM) with the guided noise estimate in place of eps_theta(x_t, t): the
-sampler calls `ClassifierFreeGuidance(model, w)` where it would call the model.
+samplers (Algorithm 2, DDIM, the ODE solvers) with the guided noise estimate in place of
+eps_theta(x_t, t): the sampler calls `ClassifierFreeGuidance(model, w)` where it would call the
+model.
 """
 import torch
 from torch import nn
 
-from Diffusion.Diffusion import GaussianDiffusionTrainer
-
-__all__ = ["ClassifierFreeGuidance", "GaussianDiffusionTrainer"]
+from Diffusion import Diffusion
+from Diffusion.Diffusion import GaussianDiffusionTrainer, extract  # noqa: F401 (the original's names)
 
 
 class ClassifierFreeGuidance(nn.Module):
@@ -34,3 +34,11 @@ class ClassifierFreeGuidance(nn.Module):
             torch.cat([x_t, x_t]), torch.cat([t, t]),
             torch.cat([labels, torch.zeros_like(labels)])).chunk(2)
         return (1. + self.w) * eps_cond - self.w * eps_null
+
+
+class GaussianDiffusionSampler(Diffusion.GaussianDiffusionSampler):
+    """Algorithm 2 with the guided estimate, the original's guided sampler: `sampler(x_T, labels)`."""
+
+    def __init__(self, model, beta_1, beta_T, T, w=0., **options):
+        super().__init__(ClassifierFreeGuidance(model, w), beta_1, beta_T, T, **options)
+        self.w = w

@@ -5,9 +5,34 @@ by every ResBlock beside the (here trainable) time embedding; self-attention aft
 down-path ResBlock and none on the up path; its own down- and upsamplers; PyTorch's default
 initialisation. Label 0 is the null label (no class), 1..num_labels the classes.
 """
+import torch
 from torch import nn
 
-from Diffusion.Model import ResBlock, TimeEmbedding, UNetBody, embedding_mlp
+from Diffusion import Model
+from Diffusion.Model import AttnBlock, Swish, UNetBody, embedding_mlp  # noqa: F401 (the original's names)
+
+
+def drop_connect(x, drop_ratio):
+    """Each example of x [B, ...] zeroed with probability drop_ratio, the others scaled by
+    1 / (1 - drop_ratio), in place (the original's; its UNet does not use it)."""
+    keep_ratio = 1. - drop_ratio
+    mask = torch.empty([x.shape[0]] + [1] * (x.dim() - 1), dtype=x.dtype, device=x.device)
+    return x.div_(keep_ratio).mul_(mask.bernoulli_(keep_ratio))
+
+
+class TimeEmbedding(Model.TimeEmbedding):
+    """The time embedding of Diffusion/Model.py with a trainable table, as the original's."""
+
+    def __init__(self, T, d_model, dim):
+        super().__init__(T, d_model, dim, trainable=True)
+
+
+class ResBlock(Model.ResBlock):
+    """Diffusion/Model.py's ResBlock with the class embedding's projection beside the time one,
+    self-attention by default, as the original's."""
+
+    def __init__(self, in_ch, out_ch, tdim, dropout, attn=True):
+        super().__init__(in_ch, out_ch, tdim, dropout, attn, cond_dim=tdim)
 
 
 class ConditionalEmbedding(nn.Module):
@@ -54,12 +79,11 @@ class UNet(UNetBody):
     def __init__(self, T, num_labels, ch, ch_mult, num_res_blocks, dropout, img_channels=3):
         super().__init__()
         tdim = 4 * ch
-        self.time_embedding = TimeEmbedding(T, ch, tdim, trainable=True)
+        self.time_embedding = TimeEmbedding(T, ch, tdim)
         self.cond_embedding = ConditionalEmbedding(num_labels, ch, tdim)
         self.build_body(
             ch, ch_mult, num_res_blocks,
-            res_block=lambda in_ch, out_ch, with_attn: ResBlock(
-                in_ch, out_ch, tdim, dropout, with_attn, cond_dim=tdim),
+            res_block=lambda in_ch, out_ch, with_attn: ResBlock(in_ch, out_ch, tdim, dropout, with_attn),
             downsample=DownSample, upsample=UpSample,
             attn_down=range(len(ch_mult)), attn_up=(), img_channels=img_channels)
 

@@ -5,8 +5,9 @@ measured in one run.
     python benchmarks/options.py --model condition --batch_size 8 --device cpu
     python benchmarks/options.py --variants plain,bf16 --rounds 5
 
-Every variant is the real training step of Diffusion/Train.py (Algorithm 1, clipping, AdamW, the
-EMA update) on the default config of the chosen script; "plain" is the original's float32 path
+Every variant is the training step of Diffusion/Train.py's fit, built from its pieces (the
+loss of Algorithm 1, `optimizer_step`: clipping and AdamW, the EMA update) on the default config
+of the chosen script; "plain" is the original's float32 path
 with every option off (AdamW not fused) and the model's attention (Model.attention: fused on a
 GPU, matmul-softmax-matmul on a CPU); "matmul attention" puts the original's bmm attention in its
 place on any device. The variants' steps alternate, round after round, so
@@ -30,20 +31,16 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import Main  # noqa: E402
-from benchmarks.speed import cpu_name, explicit_attention  # noqa: E402
-import MainCondition  # noqa: E402
+from benchmarks.speed import cpu_name, explicit_attention, script_defaults  # noqa: E402
 from Diffusion.Diffusion import GaussianDiffusionTrainer  # noqa: E402
-from Diffusion.Distributed import Processes  # noqa: E402
 from Diffusion.EMA import EMA  # noqa: E402
+from Diffusion.Machinery.Randomness import GlobalBatchRandomness, flip_left_right_at_random  # noqa: E402
+from Diffusion.Machinery.Sampling import sampler_of  # noqa: E402
+from Diffusion.Machinery.Speed import autocast, compiled, for_sampling, memory_format  # noqa: E402
 from Diffusion.Model import AttnBlock  # noqa: E402
-from Diffusion.Randomness import GlobalBatch  # noqa: E402
-from Diffusion.Sampling import sampler_of  # noqa: E402
-from Diffusion.Speed import adamw, compiled, grad_scaler, place  # noqa: E402
-from Diffusion.Train import original_loss, training_step, unet_of, warmup_cosine  # noqa: E402
-from Diffusion.TrainingState import TrainingState  # noqa: E402
-from DiffusionFreeGuidence.TrainCondition import guided_loss  # noqa: E402
+from Diffusion.Train import optimizer_step, original_loss, unet_of  # noqa: E402
 from DiffusionFreeGuidence.ModelCondition import UNet as ConditionalUNet  # noqa: E402
+from DiffusionFreeGuidence.TrainCondition import guided_loss  # noqa: E402
 from DiffusionFreeGuidence.TrainCondition import unet_of as conditional_unet_of  # noqa: E402
 
 OPTIONS_OFF = {"amp": "none", "compile": False, "channels_last": False, "fused": False, "attention": "by device"}
@@ -69,35 +66,37 @@ class Variant:
     """A model, optimizer and EMA set up with one combination of options, and its step."""
 
     def __init__(self, options, script, batch_size, device):
-        self.options = options
-        base = script.modelConfig
+        self.options, self.device = options, device
+        base = script_defaults(script)
         self.config = {**base, "device": str(device), "batch_size": batch_size,
                        **{key: options[key] for key in ("amp", "compile", "channels_last")}}
-        conditional = script is MainCondition
+        conditional = script == "MainCondition"
         model = conditional_unet_of(self.config, 10) if conditional else unet_of(self.config)
         if options["attention"] == "matmul":
             for block in model.modules():
                 if isinstance(block, AttnBlock):
                     block.forward = types.MethodType(explicit_attention, block)
-        model = place(model, self.config, device)
-        optimizer = adamw(model.parameters(), base["lr"], device) if options["fused"] else \
-            torch.optim.AdamW(model.parameters(), lr=base["lr"], weight_decay=1e-4)
-        processes = Processes(device)
-        self.state = TrainingState(model, EMA(model, base["ema_decay"]), optimizer,
-                                   warmup_cosine(optimizer, self.config), grad_scaler(self.config, device),
-                                   processes, self.config)
-        self.state.seed_with(0)
-        self.trainer = GaussianDiffusionTrainer(compiled(model, self.config, announce=False), base["beta_1"],
+        self.model = model.to(device, memory_format=memory_format(options["channels_last"]))
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=base["lr"], weight_decay=1e-4,
+                                           fused=options["fused"])
+        self.scaler = torch.amp.GradScaler(device.type, enabled=options["amp"] == "fp16")
+        self.ema = EMA(model, base["ema_decay"])
+        self.trainer = GaussianDiffusionTrainer(compiled(model, options["compile"], announce=False), base["beta_1"],
                                                 base["beta_T"], base["T"]).to(device)
-        self.batch = GlobalBatch(self.state.generator)
-        self.loss = (lambda trainer, x, labels, batch: guided_loss(trainer, x, labels, batch, 0.1, "example")) \
-            if conditional else original_loss
+        self.randomness = GlobalBatchRandomness(torch.Generator(device).manual_seed(0))
+        self.loss = (lambda trainer, x, labels, randomness: guided_loss(trainer, x, labels, randomness, 0.1,
+                                                                         "example")) if conditional else original_loss
         self.images = torch.rand(batch_size, 3, 32, 32) * 2 - 1
         self.labels = torch.randint(10, (batch_size,))
 
     def step(self):
-        return training_step(self.state, self.trainer, self.images, self.labels, self.loss, self.batch,
-                             self.config)
+        """The body of Train.fit's loop."""
+        x_0 = flip_left_right_at_random(self.images.to(self.device, non_blocking=True), self.randomness)
+        with autocast(self.device, self.options["amp"]):
+            loss = self.loss(self.trainer, x_0.contiguous(memory_format=memory_format(self.options["channels_last"])),
+                             self.labels.to(self.device, non_blocking=True), self.randomness)
+        if optimizer_step(loss, self.model, self.optimizer, self.scaler, self.config["grad_clip"]):
+            self.ema.update(self.model)
 
 
 def synchronize(device):
@@ -142,8 +141,8 @@ def measure(variant, steps, device):
 def measure_sampling(variant, steps, device):
     """Images x sampling steps per second of the variant's model under its options."""
     config = {**variant.config, "sampler": "ddim", "sample_steps": steps, "eta": 0.}
-    model = variant.state.model.eval()
-    sampler = sampler_of(config, model)
+    model = variant.model.eval()
+    sampler = sampler_of(config, for_sampling(model, config))
     x_T = torch.randn(variant.config["batch_size"], 3, 32, 32, device=device)
     labels = (variant.labels.to(device) + 1,) if isinstance(model, ConditionalUNet) else ()
     sampler(x_T, *labels, progress=False)  # warm-up (compiles)
@@ -183,7 +182,7 @@ def main():
     on_gpu = device.type == "cuda"
     batch_size = args.batch_size or (128 if on_gpu else 8)
     steps = args.steps or (20 if on_gpu else 2)
-    script = MainCondition if args.model == "condition" else Main
+    script = "MainCondition" if args.model == "condition" else "Main"
     names = args.variants.split(",") if args.variants else [n for n in VARIANTS if on_gpu or n != "fp16"]
     variants = {}
     for name in names:
@@ -199,7 +198,7 @@ def main():
             results[name].append(measure(variant, steps, device))
             sampling[name].append(measure_sampling(variant, sample_steps, device))
 
-    print(f"{script.__name__}.py's model, batch {batch_size}, {steps} steps x {args.rounds} rounds, "
+    print(f"{script}.py's model, batch {batch_size}, {steps} steps x {args.rounds} rounds, "
           f"torch {torch.__version__}, {device.type}: {machine(device)}\n")
     print("| variant | options | training images/s | vs plain | step memory (MiB) | sampling images x steps/s | vs plain |\n"
           "| --- | --- | --- | --- | --- | --- | --- |")

@@ -29,14 +29,14 @@ from torch.utils.data import DataLoader, Subset, random_split
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import Main  # noqa: E402
-import MainCondition  # noqa: E402
-from benchmarks.speed import cpu_name  # noqa: E402
-from Diffusion.Distributed import Processes  # noqa: E402
-from Diffusion.Images import save_png_atomically, starting_noise  # noqa: E402
-from Diffusion.Metrics import StandInClassifier, reference_images, report_scores  # noqa: E402
-from Diffusion.Sampling import sampler_of  # noqa: E402
-from Diffusion.Train import export, trained_model, unet_of  # noqa: E402
+from benchmarks.speed import cpu_name, script_defaults  # noqa: E402
+from Diffusion.Machinery.Evaluation import Unconditional, export, samplers_of, trained_model  # noqa: E402
+from Diffusion.Machinery.Images import save_png_atomically, starting_noise  # noqa: E402
+from Diffusion.Machinery.Metrics import StandInClassifier, reference_images, report_scores  # noqa: E402
+from Diffusion.Machinery.Processes import Processes  # noqa: E402
+from Diffusion.Machinery.Sampling import sampler_of  # noqa: E402
+from Diffusion.Train import UNCONDITIONAL, unet_of  # noqa: E402
+from DiffusionFreeGuidence.DiffusionCondition import ClassifierFreeGuidance  # noqa: E402
 from DiffusionFreeGuidence.TrainCondition import unet_of as conditional_unet_of  # noqa: E402
 
 # The small model of the FID table; its samples are drawn with the predicted x_0 clipped, as the
@@ -54,11 +54,11 @@ SPEED_SAMPLERS = ("DDPM-1000", "DDIM-100", "DDIM-50")
 
 def seconds_per_image(config, model, guided, batch_size, device):
     """Wall-clock seconds of one whole sampling run of batch_size images, per image."""
-    sampler = sampler_of(config, model, w=1.8 if guided else None)
+    sampler = sampler_of(config, ClassifierFreeGuidance(model, 1.8) if guided else model)
     x_T = starting_noise(batch_size, config, device)
     condition = (torch.randint(1, 11, (batch_size,), device=device),) if guided else ()
     with torch.no_grad():  # warm-up: one network evaluation
-        sampler.noise_estimate(x_T, sampler.timesteps[-1].expand(batch_size), *condition)
+        sampler.denoise(x_T, torch.full((batch_size,), len(sampler.timesteps) - 1, device=device), *condition)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     start = time.perf_counter()
@@ -69,8 +69,9 @@ def seconds_per_image(config, model, guided, batch_size, device):
 
 
 def speed_rows(architecture, batch_size, device):
-    base = {**Main.modelConfig, **(SMALL if architecture == "small" else {}), "T": 1000, "device": str(device)}
-    conditional = {**MainCondition.modelConfig, **(SMALL if architecture == "small" else {}), "T": 1000,
+    base = {**script_defaults("Main"), **(SMALL if architecture == "small" else {}), "T": 1000,
+            "device": str(device)}
+    conditional = {**script_defaults("MainCondition"), **(SMALL if architecture == "small" else {}), "T": 1000,
                    "device": str(device)}
     models = {False: unet_of(base).to(device).eval(),
               True: conditional_unet_of(conditional, num_labels=10).to(device).eval()}
@@ -114,7 +115,7 @@ def write_training_images(config, folder, count):
 
 def fid_rows(args, device):
     run = Path(args.fid_dir)
-    config = {**Main.modelConfig, **SMALL, "img_channels": args.img_channels, "device": str(device),
+    config = {**script_defaults("Main"), **SMALL, "img_channels": args.img_channels, "device": str(device),
               "data_root": args.data_root,
               "save_weight_dir": str(run / "ckpt"), "test_load_weight": args.checkpoint,
               "num_samples": args.num_samples, "batch_size": args.fid_batch_size, "seed": 0,
@@ -123,12 +124,13 @@ def fid_rows(args, device):
     if not os.path.isfile(config["fid_extractor"]):
         accuracy = train_classifier(config, config["fid_extractor"])
         print(f"stand-in classifier: {accuracy:.1%} accuracy on 5,000 held-out training images")
-    model = trained_model(config, device)
+    model, _ = trained_model(config, UNCONDITIONAL, device)
     folders = {}
     for name, choice in SAMPLERS.items():
         sampler_config = {**config, **choice, "export_dir": str(run / "samples" / name.split()[0])}
         start = time.perf_counter()
-        export(sampler_config, sampler_of(sampler_config, model), Processes(device))
+        export(sampler_config, samplers_of(sampler_config, UNCONDITIONAL, model, (None,)),
+               Unconditional.for_eval(sampler_config, None), Processes(device))
         print(f"{name}: exported in {time.perf_counter() - start:.0f} s")
         folders[name] = sampler_config["export_dir"]
     real = run / "samples" / "training-images"

@@ -9,6 +9,7 @@ against the explicit softmax(q k^T / sqrt(C)) v of the original, and the guided 
 from one forward pass over 2B against two passes over B.
 """
 import argparse
+import importlib
 import platform
 import sys
 from pathlib import Path
@@ -19,13 +20,20 @@ from torch.utils.benchmark import Timer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import Main  # noqa: E402
-import MainCondition  # noqa: E402
 from Diffusion.Diffusion import GaussianDiffusionTrainer  # noqa: E402
+from Diffusion.Machinery.Config import defaults  # noqa: E402
 from Diffusion.Model import AttnBlock  # noqa: E402
 from Diffusion.Train import unet_of  # noqa: E402
 from DiffusionFreeGuidence.DiffusionCondition import ClassifierFreeGuidance  # noqa: E402
 from DiffusionFreeGuidence.TrainCondition import unet_of as conditional_unet_of  # noqa: E402
+
+
+def script_defaults(script_name):
+    """Every key of Main.py or MainCondition.py with its default."""
+    from Diffusion.Train import UNCONDITIONAL
+    from DiffusionFreeGuidence.TrainCondition import CONDITIONAL
+    pieces = {"Main": UNCONDITIONAL, "MainCondition": CONDITIONAL}[script_name]
+    return defaults(pieces.keys, importlib.import_module(script_name).modelConfig)
 
 
 def cpu_name():
@@ -72,8 +80,8 @@ def main():
     torch.manual_seed(0)
     rows = []
 
-    for name, config, build in (("Main.py", Main.modelConfig, lambda c: unet_of(c)),
-                                ("MainCondition.py", MainCondition.modelConfig,
+    for name, config, build in (("Main.py", script_defaults("Main"), lambda c: unet_of(c)),
+                                ("MainCondition.py", script_defaults("MainCondition"),
                                  lambda c: conditional_unet_of(c, num_labels=10))):
         model = build({**config, "device": args.device}).to(device)
         x = torch.randn(B, 3, 32, 32, device=device)

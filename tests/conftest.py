@@ -69,11 +69,38 @@ TINY_UNCONDITIONAL = {
 }
 
 
+def pieces_of(script_name):
+    """The ModelPieces of a script: Main's unconditional model, MainCondition's guided one."""
+    from Diffusion.Train import UNCONDITIONAL
+    from DiffusionFreeGuidence.TrainCondition import CONDITIONAL
+    return {"Main": UNCONDITIONAL, "MainCondition": CONDITIONAL}[script_name]
+
+
+def checked(config, script_name="Main"):
+    """`config` over the script's modelConfig, completed and checked as the script does it."""
+    from Diffusion.Machinery.Config import complete
+    pieces = pieces_of(script_name)
+    return complete({**importlib.import_module(script_name).modelConfig, **config}, pieces.keys, pieces.absent)
+
+
+def parsed(argv, script_name="Main"):
+    """The config a script's command line `argv` gives."""
+    from Diffusion.Machinery.Config import parse_command_line
+    pieces = pieces_of(script_name)
+    return parse_command_line(importlib.import_module(script_name).modelConfig, pieces.keys, pieces.absent, argv)
+
+
+def defaults_of(script_name):
+    """Every key of a script (Main or MainCondition) with its default, as --help shows them:
+    the keys' defaults overridden by the script's modelConfig."""
+    from Diffusion.Machinery.Config import defaults
+    return defaults(pieces_of(script_name).keys, importlib.import_module(script_name).modelConfig)
+
+
 @pytest.fixture
 def tiny_config(tmp_path, image_folder):
     """Main.py's config shrunk to seconds on a CPU, writing only under tmp_path."""
-    import Main
-    return {**Main.modelConfig, **TINY_UNCONDITIONAL, "dataset": str(image_folder),
+    return {**defaults_of("Main"), **TINY_UNCONDITIONAL, "dataset": str(image_folder),
             "save_weight_dir": str(tmp_path / "ckpt"), "sampled_dir": str(tmp_path / "samples")}
 
 
@@ -146,9 +173,8 @@ def grid_size(images, nrow, size):
 
 
 def script_config(script_name, tiny, **paths):
-    """A script's modelConfig (Main or MainCondition), shrunk by `tiny`, with `paths`."""
-    defaults = importlib.import_module(script_name).modelConfig
-    return {**defaults, **tiny, **{key: str(value) for key, value in paths.items()}}
+    """A script's config (Main or MainCondition), shrunk by `tiny`, with `paths`."""
+    return {**defaults_of(script_name), **tiny, **{key: str(value) for key, value in paths.items()}}
 
 
 def run_or_fail(script, *arguments, cwd=None):
@@ -241,14 +267,21 @@ def lr_schedules(reference):
 @pytest.fixture
 def sampled_labels(monkeypatch):
     """The labels eval passes to the (real) guided sampler, one list per grid."""
-    from Diffusion.Sampling import sampler_of
-    from DiffusionFreeGuidence import TrainCondition
+    from Diffusion.Machinery import Evaluation
+    from Diffusion.Machinery.Sampling import sampler_of
     seen = []
 
-    def recording_sampler_of(config, model, w=None):
-        sampler = sampler_of(config, model, w)
+    def recording_sampler_of(config, network):
+        sampler = sampler_of(config, network)
         sampler.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[1].tolist()))
         return sampler
 
-    monkeypatch.setattr(TrainCondition, "sampler_of", recording_sampler_of)
+    monkeypatch.setattr(Evaluation, "sampler_of", recording_sampler_of)
     return seen
+
+
+def training_dataset_of(config, labelled=False):
+    """The training dataset of a config dict (Data.training_dataset with its keys)."""
+    from Diffusion.Machinery.Data import training_dataset
+    return training_dataset(config["dataset"], config["data_root"], config["img_size"], config["img_channels"],
+                            config["max_images"], config["batch_size"], labelled)

@@ -11,14 +11,22 @@ import Diffusion.Diffusion
 import Diffusion.Model
 import Diffusion.Train
 import MainCondition
-from conftest import as_arguments, grid_size, run_or_fail, run_script, write_images
-from Diffusion.Checkpoint import RUN_INFO, TRAINING_STATE, read_run_info
-from Diffusion.Config import ConfigError
-from Diffusion.Data import training_dataset
-from DiffusionFreeGuidence import DiffusionCondition, ModelCondition, TrainCondition
+from conftest import (
+    as_arguments,
+    defaults_of,
+    grid_size,
+    run_or_fail,
+    run_script,
+    training_dataset_of,
+    write_images,
+)
 from Diffusion.Diffusion import SINGLE_PROCESS
-from Diffusion.Randomness import GlobalBatch
-from Diffusion.RunFolder import LOG, TENSORBOARD
+from Diffusion.Machinery import Evaluation
+from Diffusion.Machinery.Checkpoint import RUN_INFO, TRAINING_STATE, read_run_info
+from Diffusion.Machinery.Errors import ConfigError
+from Diffusion.Machinery.Randomness import GlobalBatchRandomness
+from Diffusion.Machinery.RunFolder import LOG, TENSORBOARD
+from DiffusionFreeGuidence import DiffusionCondition, ModelCondition, TrainCondition
 from DiffusionFreeGuidence.TrainCondition import drop_labels, guided_loss
 
 
@@ -41,7 +49,7 @@ def test_guided_estimate_in_one_pass_equals_two_separate_passes(w):
     x_t, t, labels = torch.randn(4, 3, 8, 8), torch.tensor([0, 3, 6, 9]), torch.tensor([1, 2, 3, 1])
 
     with torch.no_grad():
-        got = sampler.noise_estimate(x_t, t, labels)
+        got, _ = sampler.denoise(x_t, t, labels)  # every step: positions are timesteps
         assert batches == ([8] if w else [4])  # one forward pass
         eps_cond = model(x_t, t, labels)
         eps_null = model(x_t, t, torch.zeros_like(labels))
@@ -85,9 +93,9 @@ def test_batch_label_dropout_drops_the_whole_batch_with_probability_p_uncond():
 def test_label_dropout_of_a_process_is_its_share_of_the_global_batchs():
     """Two processes draw the dropout of the global batch alike and keep their own labels."""
     labels = torch.arange(1, 9)
-    whole = drop_labels(labels, 0.5, "example", GlobalBatch(torch.Generator().manual_seed(3)))
+    whole = drop_labels(labels, 0.5, "example", GlobalBatchRandomness(torch.Generator().manual_seed(3)))
     shares = [drop_labels(labels[rank::2], 0.5, "example",
-                          GlobalBatch(torch.Generator().manual_seed(3), rank, world_size=2))
+                          GlobalBatchRandomness(torch.Generator().manual_seed(3), rank, world_size=2))
               for rank in (0, 1)]
     assert torch.equal(shares[0], whole[0::2]) and torch.equal(shares[1], whole[1::2])
     assert 0 < (whole == 0).sum() < 8
@@ -115,14 +123,14 @@ def test_training_shifts_labels_so_that_0_is_the_null_label(p_uncond, seen):
 
 def test_conditional_training_needs_one_subfolder_per_class(tmp_path):
     flat = write_images(tmp_path / "flat", 8)
-    config = {**MainCondition.modelConfig, "dataset": str(flat), "batch_size": 4}
+    config = {**defaults_of("MainCondition"), "dataset": str(flat), "batch_size": 4}
     with pytest.raises(ConfigError, match="subfolder"):
-        training_dataset(config, labelled=True)
+        training_dataset_of(config, labelled=True)
 
 
 def test_class_subfolders_are_labelled_in_sorted_order(class_folders):
-    config = {**MainCondition.modelConfig, "dataset": str(class_folders), "batch_size": 4, "img_size": 8}
-    dataset = training_dataset(config, labelled=True)
+    config = {**defaults_of("MainCondition"), "dataset": str(class_folders), "batch_size": 4, "img_size": 8}
+    dataset = training_dataset_of(config, labelled=True)
     assert dataset.classes == ["airplane", "bird", "cat"]
     assert sorted(set(label for _, label in dataset.samples)) == [0, 1, 2]
 
@@ -213,16 +221,23 @@ def test_eval_of_an_unconditional_checkpoint_says_to_use_main(trained_conditiona
 
 
 def test_conditional_model_is_built_from_the_unconditional_blocks():
-    assert ModelCondition.ResBlock is Diffusion.Model.ResBlock
-    assert ModelCondition.TimeEmbedding is Diffusion.Model.TimeEmbedding
+    assert issubclass(ModelCondition.ResBlock, Diffusion.Model.ResBlock)
+    assert issubclass(ModelCondition.TimeEmbedding, Diffusion.Model.TimeEmbedding)
+    assert ModelCondition.AttnBlock is Diffusion.Model.AttnBlock
     assert issubclass(ModelCondition.UNet, Diffusion.Model.UNetBody)
     assert issubclass(Diffusion.Model.UNet, Diffusion.Model.UNetBody)
-    model = ModelCondition.UNet(T=10, num_labels=3, ch=32, ch_mult=[1, 2], num_res_blocks=1, dropout=0.)
-    assert all(type(block) is Diffusion.Model.ResBlock for block in model.middleblocks)
+    for name in ("ResBlock", "TimeEmbedding"):  # the original's names, with nothing but their defaults
+        own = set(vars(getattr(ModelCondition, name))) - {"__module__", "__doc__", "__qualname__"}
+        assert own == {"__init__"}, name
 
 
 def test_guided_diffusion_reuses_the_unconditional_algorithms_and_recipe():
-    assert not hasattr(DiffusionCondition, "GaussianDiffusionSampler")  # guidance is a noise model, not a sampler
+    """Guidance is a noise model inside Diffusion's samplers; the original's guided sampler is
+    Algorithm 2 around it, and training and eval are Diffusion's."""
+    assert issubclass(DiffusionCondition.GaussianDiffusionSampler, Diffusion.Diffusion.GaussianDiffusionSampler)
+    model = ModelCondition.UNet(T=10, num_labels=3, ch=32, ch_mult=[1, 2], num_res_blocks=1, dropout=0.)
+    sampler = DiffusionCondition.GaussianDiffusionSampler(model, 1e-4, 0.02, 10, w=1.8)
+    assert isinstance(sampler.model, DiffusionCondition.ClassifierFreeGuidance) and sampler.model.w == 1.8
     assert DiffusionCondition.GaussianDiffusionTrainer is Diffusion.Diffusion.GaussianDiffusionTrainer
     assert TrainCondition.fit is Diffusion.Train.fit
-    assert TrainCondition.save_grid is Diffusion.Train.save_grid
+    assert TrainCondition.evaluate is Evaluation.evaluate

@@ -8,19 +8,19 @@ import torch
 
 import Main
 import MainCondition
-from conftest import REPO, as_arguments, run_script
-from Diffusion.Checkpoint import unet_config_of
-from Diffusion.Config import ConfigError, parse_command_line
+from conftest import REPO, as_arguments, defaults_of, parsed, run_script
+from Diffusion.Machinery.Checkpoint import unet_config_of
+from Diffusion.Machinery.Errors import ConfigError
+from Diffusion.Train import UNCONDITIONAL
+from DiffusionFreeGuidence.TrainCondition import CONDITIONAL
+
+PIECES = {Main: UNCONDITIONAL, MainCondition: CONDITIONAL}
 
 
-def parsed(argv, defaults=None):
-    return parse_command_line(defaults or Main.modelConfig, argv)
-
-
-def command_line_error(argv, capsys, defaults=None):
+def command_line_error(argv, capsys, script="Main"):
     """The message a command line is refused with (argparse exits with status 2)."""
     with pytest.raises(SystemExit) as exit_info:
-        parsed(argv, defaults)
+        parsed(argv, script)
     assert exit_info.value.code == 2
     return capsys.readouterr().err
 
@@ -33,7 +33,7 @@ def test_command_line_overrides_become_python_values():
     assert config["attn"] == [0, 2]
     assert config["lr"] == 2e-4
     assert config["multiplier"] == 3. and type(config["multiplier"]) is float
-    untouched = {key: value for key, value in Main.modelConfig.items()
+    untouched = {key: value for key, value in defaults_of("Main").items()
                  if key not in ("epoch", "channel_mult", "lr", "multiplier", "attn", "device")}
     assert {key: config[key] for key in untouched} == untouched
 
@@ -58,11 +58,10 @@ def test_none_is_parsed_for_optional_keys():
 
 
 def test_guidance_weight_is_a_number_or_a_list_and_labels_a_list():
-    defaults = MainCondition.modelConfig
-    assert parsed(["--w", "3"], defaults)["w"] == 3.
-    assert parsed(["--w", "0,1.8,4"], defaults)["w"] == [0., 1.8, 4.]
-    assert parsed(["--labels", "0,2"], defaults)["labels"] == [0, 2]
-    assert parsed(["--labels", "None"], defaults)["labels"] is None
+    assert parsed(["--w", "3"], "MainCondition")["w"] == 3.
+    assert parsed(["--w", "0,1.8,4"], "MainCondition")["w"] == [0., 1.8, 4.]
+    assert parsed(["--labels", "0,2"], "MainCondition")["labels"] == [0, 2]
+    assert parsed(["--labels", "None"], "MainCondition")["labels"] is None
 
 
 def test_wrong_type_on_the_command_line_names_the_key(capsys):
@@ -88,12 +87,12 @@ def test_unknown_key_of_the_other_script_is_refused(capsys):
 @pytest.mark.parametrize("script", [Main, MainCondition], ids=["Main", "MainCondition"])
 def test_help_lists_every_key_with_its_default(script, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        parse_command_line(script.modelConfig, ["--help"])
+        parsed(["--help"], script.__name__)
     assert exit_info.value.code == 0
     text = " ".join(capsys.readouterr().out.split())  # undo argparse's line wrapping
-    for key, value in script.modelConfig.items():
+    for key, value in defaults_of(script.__name__).items():
         assert f"--{key} " in text
-        assert f"(default: {value!r})" in text, key
+        assert f"{PIECES[script].keys[key].meaning} (default: {value!r})" in " ".join(text.split()), key
 
 
 def test_config_file_applies_and_command_line_keys_override_it(tmp_path):
@@ -187,8 +186,39 @@ def test_command_line_error_stops_the_script_before_any_work(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_readme_table_documents_every_config_key():
-    readme = (REPO / "README.md").read_text()
-    undocumented = [key for key in {**Main.modelConfig, **MainCondition.modelConfig}
-                    if f"| `{key}` |" not in readme]
-    assert undocumented == []
+def test_the_scripts_dicts_hold_the_originals_keys_with_the_defaults_of_the_key_table(reference):
+    """Main.py and MainCondition.py list the original's keys (api.json), with the values the
+    key tables give them, so a dict of the original's keys and the tables say the same."""
+    originals = json.loads((reference / "api.json").read_text())["modelConfig"]
+    for script in (Main, MainCondition):
+        keys = PIECES[script].keys
+        assert list(script.modelConfig) == list(originals[f"{script.__name__}.py"])
+        assert {key: keys[key].default for key in script.modelConfig} == script.modelConfig
+
+
+def test_a_keys_type_comes_from_its_default_unless_its_key_says_more():
+    """Only a key whose default is None, or that takes a list for a number, names its type."""
+    for pieces in PIECES.values():
+        for key, spec in pieces.keys.items():
+            if spec.kind is not None:
+                assert spec.default is None or key == "w", key
+
+
+def test_the_config_page_lists_every_key_with_its_meaning_and_defaults():
+    """docs/config.md's table is the key tables' (the meanings --help shows), row for row."""
+    page = (REPO / "docs" / "config.md").read_text()
+    assert config_table() in page, "docs/config.md's table differs; it should read:\n" + config_table()
+
+
+def config_table():
+    main, condition = defaults_of("Main"), defaults_of("MainCondition")
+    rows = ["| key | `Main.py` | `MainCondition.py` | meaning |", "| --- | --- | --- | --- |"]
+    for key in {**UNCONDITIONAL.keys, **CONDITIONAL.keys}:
+        spec = UNCONDITIONAL.keys.get(key) or CONDITIONAL.keys[key]
+        shown = [f"`{script[key]!r}`" if key in script else "–" for script in (main, condition)]
+        if key == "device":
+            shown = ['`"cuda"` if present, else `"cpu"`', "the same"]
+        if key == "num_workers":
+            shown = ["min(4, CPUs)", "the same"]
+        rows.append(f"| `{key}` | {shown[0]} | {shown[1]} | {spec.meaning} |")
+    return "\n".join(rows) + "\n"

@@ -2,15 +2,17 @@
 of files is written, the result is one process's with twice the batch, and the run continues
 as on one process. Exporting samples on two processes writes the images one process writes."""
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from conftest import REPO, as_arguments, log_lines, run_or_fail, script_config, write_images
-from Diffusion.Checkpoint import TRAINING_STATE
+from Diffusion.Machinery.Checkpoint import TRAINING_STATE
 
 RUN = {"T": 10, "channel": 32, "channel_mult": [1, 2], "attn": [1], "num_res_blocks": 1,
        "img_size": 8, "epoch": 2, "dropout": 0., "num_workers": 0, "device": "cpu", "seed": 0,
@@ -110,3 +112,42 @@ def test_two_processes_export_the_guided_samples_one_process_exports(trained_con
         folders[name] = exported_files(tmp_path / f"export-{name}")
     assert sorted(folders["two"]) == [f"w{w}/{index:06d}.png" for w in (0, 2) for index in range(7)]
     assert folders["two"] == folders["one"]
+
+
+def rank_of(pid):
+    """The torchrun rank of process `pid` (its RANK variable), or None."""
+    try:
+        environment = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    ranks = [item.split(b"=", 1)[1] for item in environment if item.startswith(b"RANK=")]
+    return int(ranks[0]) if ranks else None
+
+
+def test_a_lost_process_stops_the_others_with_one_sentence_and_the_run_continues(tmp_path):
+    """kill -9 of process 1 of 2 mid-run: process 0 says in one sentence which process was lost,
+    where the saved state is and how to continue (no gloo traceback); continuing works."""
+    images = write_images(tmp_path / "images", 32, size=(8, 8), seed=6)
+    folder = tmp_path / "ckpt"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               str(REPO / "Main.py"), *arguments(images, folder, batch_size=4, epoch=1000, sample_every=0)]
+    run = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 120
+    while not any(line["kind"] == "epoch" for line in log_lines(folder)):  # the state is saved
+        assert run.poll() is None and time.monotonic() < deadline, "the run did not get going"
+        time.sleep(0.1)
+    (lost,) = [int(pid) for pid in os.listdir("/proc") if pid.isdigit() and rank_of(int(pid)) == 1
+               and str(REPO / "Main.py").encode() in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    os.kill(lost, signal.SIGKILL)
+    _, stderr = run.communicate(timeout=60)
+
+    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert errors == [f"error: process 1 of 2 (pid {lost}) stopped, so process 0 stops too: the training "
+                      f"state saved last is intact in {folder}; continue with the same torchrun command "
+                      f"and --training_load_weight last."]
+    assert "GLHF" not in stderr and "[rank0]: Traceback" not in stderr
+    saved = torch.load(folder / TRAINING_STATE, weights_only=True)
+    torchrun(*arguments(images, folder, batch_size=4, epoch=saved["epoch"] + 1, sample_every=0,
+                        training_load_weight="last"), cwd=tmp_path)
+    assert torch.load(folder / TRAINING_STATE, weights_only=True)["epoch"] == saved["epoch"] + 1

@@ -8,12 +8,12 @@ import torch
 from PIL import Image
 
 import Main
-from conftest import TINY_UNCONDITIONAL, write_images
+from conftest import TINY_UNCONDITIONAL, defaults_of, write_images
 from Diffusion import Train
-from Diffusion.Checkpoint import TRAINING_STATE
-from Diffusion.Config import ConfigError
+from Diffusion.Machinery.Checkpoint import TRAINING_STATE
+from Diffusion.Machinery.Errors import ConfigError
 from Diffusion.EMA import EMA, ema_decay_at
-from Diffusion.TrainingState import ema_weights
+from Diffusion.Machinery.TrainingState import ema_weights
 
 
 def test_ema_lags_the_raw_weights_as_the_decay_says():
@@ -57,7 +57,7 @@ def test_the_ema_state_continues_where_it_was():
 def trained_with_ema(tmp_path_factory):
     """Three tiny epochs with EMA (in-process: the run is the same as Main.py's)."""
     root = tmp_path_factory.mktemp("ema")
-    config = {**Main.modelConfig, **TINY_UNCONDITIONAL, "dataset": str(write_images(root / "images", 16)),
+    config = {**defaults_of("Main"), **TINY_UNCONDITIONAL, "dataset": str(write_images(root / "images", 16)),
               "save_weight_dir": str(root / "ckpt"), "epoch": 3, "ema_decay": 0.9, "sample_every": 0,
               "batch_size": 4}
     Train.train(config)

@@ -22,14 +22,18 @@ from conftest import (
     TINY_CONDITIONAL,
     TINY_UNCONDITIONAL,
     as_arguments,
+    checked,
+    defaults_of,
+    parsed,
     run_or_fail,
     run_script,
     script_config,
+    training_dataset_of,
     write_images,
     write_mnist_files,
 )
 from Diffusion import Train
-from Diffusion.Checkpoint import (
+from Diffusion.Machinery.Checkpoint import (
     RUN_INFO,
     TRAINING_STATE,
     class_names,
@@ -39,9 +43,9 @@ from Diffusion.Checkpoint import (
     save_atomically,
     write_run_info,
 )
-from Diffusion.Config import ConfigError, check_config, parse_command_line
-from Diffusion.Data import CIFAR10_CLASSES, training_dataset
-from Diffusion.ScheduleCheck import (
+from Diffusion.Machinery.Data import CIFAR10_CLASSES
+from Diffusion.Machinery.Errors import ConfigError, DataUnavailable, SaveFailed
+from Diffusion.Machinery.ScheduleCheck import (
     SIGNAL_LEFT_LIMIT,
     beta_T_that_removes_the_signal,
     signal_left_at_T,
@@ -79,10 +83,10 @@ def copy_of(folder, tmp_path):
 
 def test_original_schedules_do_not_warn_and_a_short_one_does_with_a_fix(capsys):
     for T, beta_T in ((1000, 0.02), (500, 0.028)):  # Main.py's and MainCondition.py's
-        warn_if_x_T_keeps_the_image({"beta_1": 1e-4, "beta_T": beta_T, "T": T})
+        warn_if_x_T_keeps_the_image(1e-4, beta_T, T)
     assert capsys.readouterr().err == ""
 
-    warn_if_x_T_keeps_the_image({"beta_1": 1e-4, "beta_T": 0.02, "T": 200})
+    warn_if_x_T_keeps_the_image(1e-4, 0.02, 200)
     (line,) = capsys.readouterr().err.splitlines()
     assert "T 200" in line and "36.4%" in line and "--beta_T 0.059" in line
 
@@ -122,7 +126,7 @@ def test_eval_of_both_models_warns_once_about_the_schedule(trained_unconditional
 @pytest.mark.parametrize("text", ["nan", "inf", "0,nan,4"])
 def test_guidance_weight_nan_or_inf_on_the_command_line_is_refused_before_sampling(text, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        parse_command_line(MainCondition.modelConfig, ["--state", "eval", "--device", "cpu", "--w", text])
+        parsed(["--state", "eval", "--device", "cpu", "--w", text], "MainCondition")
     assert exit_info.value.code == 2
     (message,) = [line for line in capsys.readouterr().err.splitlines() if "error: " in line]
     assert "'w'" in message and "finite" in message
@@ -133,7 +137,7 @@ def test_guidance_weight_nan_or_inf_on_the_command_line_is_refused_before_sampli
     (Main, "lr", math.inf), (Main, "beta_1", math.nan), (Main, "dropout", math.nan), (Main, "grad_clip", math.inf)])
 def test_non_finite_numbers_are_refused_naming_the_key(script, key, value):
     with pytest.raises(ConfigError) as error:
-        check_config({key: value, "device": "cpu"}, script.modelConfig)
+        checked({key: value, "device": "cpu"}, script.__name__)
     assert f"'{key}'" in str(error.value) and "finite" in str(error.value)
 
 
@@ -153,12 +157,12 @@ def test_sampled_image_name_without_an_image_extension_stops_eval_at_start_up(tm
                                        ("sampledImgName", "grids/grid.png"), ("sampledImgName", "")])
 def test_image_names_pil_cannot_write_are_refused(key, name):
     with pytest.raises(ConfigError, match=key):
-        check_config({key: name, "device": "cpu"}, Main.modelConfig)
+        checked({key: name, "device": "cpu"})
 
 
 @pytest.mark.parametrize("name", ["grid.png", "GRID.PNG", "grid.jpg", "grid.jpeg", "grid.bmp", "grid.tif"])
 def test_usual_image_extensions_are_accepted(name):
-    assert check_config({"sampledImgName": name, "device": "cpu"}, Main.modelConfig)["sampledImgName"] == name
+    assert checked({"sampledImgName": name, "device": "cpu"})["sampledImgName"] == name
 
 
 # --- folders that cannot be written --------------------------------------------------------
@@ -179,15 +183,15 @@ def test_checkpoint_folder_under_a_file_stops_training_at_start_up(tmp_path):
 def test_a_folder_the_run_writes_that_is_a_file_or_under_one_is_refused(tmp_path, script, state, key, under):
     folder = a_file(tmp_path) / "out" if under else a_file(tmp_path)
     with pytest.raises(ConfigError) as error:
-        check_config({"state": state, key: str(folder), "device": "cpu"}, script.modelConfig)
+        checked({"state": state, key: str(folder), "device": "cpu"}, script.__name__)
     assert str(error.value).startswith(f"{key} '{folder}' cannot be written")
     assert list(tmp_path.iterdir()) == [tmp_path / "a_file.txt"]  # the check made nothing
 
 
 def test_only_the_folder_the_state_writes_to_is_checked(tmp_path):
     blocked = str(a_file(tmp_path) / "out")
-    assert check_config({"state": "train", "sampled_dir": blocked, "device": "cpu"}, Main.modelConfig)
-    assert check_config({"state": "eval", "save_weight_dir": blocked, "device": "cpu"}, Main.modelConfig)
+    assert checked({"state": "train", "sampled_dir": blocked, "device": "cpu"})
+    assert checked({"state": "eval", "save_weight_dir": blocked, "device": "cpu"})
 
 
 # --- saves that fail -----------------------------------------------------------------------
@@ -218,7 +222,7 @@ def test_a_save_whose_temporary_cannot_be_made_keeps_the_previous_file(tmp_path)
     path = tmp_path / "ckpt_0_.pt"
     save_atomically({"weight": torch.ones(3)}, str(path))
     (tmp_path / "ckpt_0_.pt.tmp").mkdir()  # in the way of the temporary file
-    with pytest.raises(ConfigError) as error:
+    with pytest.raises(SaveFailed) as error:
         save_atomically({"weight": torch.zeros(3)}, str(path))
     assert str(path) in str(error.value) and "intact" in str(error.value)
     assert torch.equal(torch.load(path, weights_only=True)["weight"], torch.ones(3))
@@ -248,8 +252,8 @@ def test_unreadable_images_among_good_ones_are_skipped_naming_each_file(tmp_path
 
 def test_an_unreadable_image_of_a_class_gives_the_next_image_and_its_label(class_folders, capsys):
     truncate(class_folders / "bird" / "7.png")  # the last bird: the first cat comes next
-    config = {**MainCondition.modelConfig, "dataset": str(class_folders), "img_size": 8, "batch_size": 4}
-    dataset = training_dataset(config, labelled=True)
+    config = {**defaults_of("MainCondition"), "dataset": str(class_folders), "img_size": 8, "batch_size": 4}
+    dataset = training_dataset_of(config, labelled=True)
     index = dataset.paths.index(str(class_folders / "bird" / "7.png"))
     for _ in range(2):
         image, label = dataset[index]
@@ -263,8 +267,8 @@ def test_corrupt_cifar_archive_in_place_is_named_as_corrupt(tiny_config, tmp_pat
     archive = tmp_path / "CIFAR10" / "cifar-10-python.tar.gz"
     archive.parent.mkdir()
     archive.write_bytes(b"half a download")
-    with pytest.raises(ConfigError) as error:
-        training_dataset({**tiny_config, "dataset": "CIFAR10", "data_root": str(tmp_path)})
+    with pytest.raises(DataUnavailable) as error:
+        training_dataset_of({**tiny_config, "dataset": "CIFAR10", "data_root": str(tmp_path)})
     message = str(error.value)
     assert str(archive) in message and "corrupt" in message and "delete it" in message
     assert archive.read_bytes() == b"half a download"
@@ -273,7 +277,7 @@ def test_corrupt_cifar_archive_in_place_is_named_as_corrupt(tiny_config, tmp_pat
 def test_fashion_mnist_reads_its_files_from_data_root_fashionmnist_raw(tiny_config, tmp_path):
     data_root = write_mnist_files(tmp_path / "data", "FashionMNIST")
     config = {**tiny_config, "dataset": "FashionMNIST", "data_root": str(data_root), "batch_size": 4}
-    dataset = training_dataset(config, labelled=True)
+    dataset = training_dataset_of(config, labelled=True)
     assert isinstance(dataset, torchvision.datasets.FashionMNIST) and len(dataset) == 10
     assert dataset.classes[0] == "T-shirt/top"
 
@@ -281,8 +285,8 @@ def test_fashion_mnist_reads_its_files_from_data_root_fashionmnist_raw(tiny_conf
 def test_unreachable_fashion_mnist_download_names_data_root_fashionmnist_raw(tiny_config, tmp_path,
                                                                             monkeypatch):
     monkeypatch.setattr(torchvision.datasets.FashionMNIST, "mirrors", ["http://127.0.0.1:9/"])
-    with pytest.raises(ConfigError) as error:
-        training_dataset({**tiny_config, "dataset": "FashionMNIST", "data_root": str(tmp_path)})
+    with pytest.raises(DataUnavailable) as error:
+        training_dataset_of({**tiny_config, "dataset": "FashionMNIST", "data_root": str(tmp_path)})
     assert f"put it in {tmp_path / 'FashionMNIST' / 'raw'} (or uncompressed" in str(error.value)
     assert not (tmp_path / "FashionMNIST").exists()
 
@@ -293,8 +297,8 @@ def test_a_recompressed_fashion_mnist_file_is_named_with_the_way_to_use_it(tiny_
     archive = tmp_path / "FashionMNIST" / "raw" / "train-images-idx3-ubyte.gz"
     archive.parent.mkdir(parents=True)
     archive.write_bytes(gzip.compress(b"the same images, compressed again"))
-    with pytest.raises(ConfigError) as error:
-        training_dataset({**tiny_config, "dataset": "FashionMNIST", "data_root": str(tmp_path)})
+    with pytest.raises(DataUnavailable) as error:
+        training_dataset_of({**tiny_config, "dataset": "FashionMNIST", "data_root": str(tmp_path)})
     assert str(archive) in str(error.value) and "gunzip them there" in str(error.value)
 
 
@@ -314,7 +318,7 @@ def test_continuing_on_a_dataset_of_other_classes_names_both_class_counts(traine
 
 def test_attn_for_the_conditional_model_says_its_attention_is_fixed(capsys):
     with pytest.raises(SystemExit):
-        parse_command_line(MainCondition.modelConfig, ["--attn", "1"])
+        parsed(["--attn", "1"], "MainCondition")
     message = capsys.readouterr().err
     assert "'--attn'" in message and "after every down-path block" in message
     assert "unknown" not in message

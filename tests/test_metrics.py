@@ -9,9 +9,9 @@ from PIL import Image
 
 import Main
 from conftest import as_arguments, run_or_fail
-from Diffusion import Metrics
-from Diffusion.Config import ConfigError
-from Diffusion.Metrics import StandInClassifier, report_scores, statistics_file
+from Diffusion.Machinery import Metrics
+from Diffusion.Machinery.Errors import ConfigError
+from Diffusion.Machinery.Metrics import StandInClassifier, report_scores, statistics_file
 
 
 def smooth_images(folder, count, size=16, seed=0):

@@ -11,10 +11,10 @@ import Main
 import MainCondition
 from conftest import grid_size
 from Diffusion.Diffusion import GaussianDiffusionSampler
-from Diffusion.Distributed import Processes
-from Diffusion.Export import export_samples
-from Diffusion.Images import starting_noise
-from Diffusion.Process import ProcessRecorder
+from Diffusion.Machinery.Processes import Processes
+from Diffusion.Machinery.Export import export_samples
+from Diffusion.Machinery.Images import starting_noise
+from Diffusion.Machinery.DenoisingProcess import ProcessRecorder
 from test_diffusion import BETA_1, BETA_T, KnownEps
 
 ONE_CPU_PROCESS = Processes(torch.device("cpu"))

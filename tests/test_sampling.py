@@ -7,11 +7,13 @@ import torch
 from torch import nn
 
 import Main
-from Diffusion.Config import ConfigError
+from conftest import defaults_of
+from Diffusion.Machinery.Errors import ConfigError
 from Diffusion.DDIM import DDIMSampler
 from Diffusion.Diffusion import GaussianDiffusionSampler, linear_betas, sampling_timesteps
-from Diffusion.Sampling import sampler_of
+from Diffusion.Machinery.Sampling import sampler_of
 from DiffusionFreeGuidence import ModelCondition
+from DiffusionFreeGuidence.DiffusionCondition import ClassifierFreeGuidance
 from test_diffusion import BETA_1, BETA_T, KnownEps, schedule
 
 
@@ -30,7 +32,7 @@ class GaussianDataEps(nn.Module):
 
 
 def config_of(**changes):
-    return {**Main.modelConfig, "T": 10, "device": "cpu", **changes}
+    return {**defaults_of("Main"), "T": 10, "device": "cpu", **changes}
 
 
 # --- the timesteps visited ----------------------------------------------------------------
@@ -84,8 +86,10 @@ def test_fixedsmall_variance_is_the_posterior_variance():
     sampler = GaussianDiffusionSampler(None, BETA_1, BETA_T, T, variance="fixedsmall")
     betas, _, alphas_bar = schedule(T)
     alphas_bar_prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_bar[:-1]])
-    torch.testing.assert_close(sampler.sample_var, betas * (1 - alphas_bar_prev) / (1 - alphas_bar),
-                               rtol=1e-6, atol=0)
+    posterior_var = betas * (1 - alphas_bar_prev) / (1 - alphas_bar)
+    torch.testing.assert_close(sampler.sample_var[1:], posterior_var[1:], rtol=1e-6, atol=0)
+    # The first step adds no noise; its entry, the likelihood's decoder variance, is the second's.
+    torch.testing.assert_close(sampler.sample_var[0], posterior_var[1], rtol=1e-6, atol=0)
 
 
 # --- DDIM -----------------------------------------------------------------------------------
@@ -100,11 +104,11 @@ def test_ddim_with_eta_1_and_every_step_follows_the_ddpm_posterior():
     i = torch.full((3,), 6)
     eps = model.eps(x_T, ddpm.timesteps[i])
 
-    mean, var, _ = ddpm.p_mean_variance(x_T, i)
+    mean, var = ddpm.p_mean_variance(x_T, i)
     ddim_mean = (ddim.sqrt_alphas_bar_prev[6] * ddim.predict_x0(x_T, i, eps)
                  + ddim.direction_coef[6] * eps).float()
     torch.testing.assert_close(ddim_mean, mean, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(ddim.sigmas ** 2, ddpm.sample_var, rtol=1e-10, atol=1e-30)
+    torch.testing.assert_close(ddim.sigmas[1:] ** 2, ddpm.sample_var[1:], rtol=1e-10, atol=1e-30)
 
     torch.manual_seed(7)
     by_ddpm = ddpm(x_T, progress=False)
@@ -171,12 +175,12 @@ def test_guided_ddim_uses_the_guided_estimate():
 
     config = config_of(sampler="ddim", sample_steps=5, eta=0.)
     x_T, labels = torch.randn(3, 3, 8, 8), torch.tensor([1, 2, 3])
-    guided = sampler_of(config, model, w=w)
+    guided = sampler_of(config, ClassifierFreeGuidance(model, w))
     by_hand = DDIMSampler(TwoPasses(), BETA_1, BETA_T, 10, timesteps=sampling_timesteps(10, 5))
     assert isinstance(guided, DDIMSampler)
     expected = by_hand(x_T, labels, progress=False)
     torch.testing.assert_close(guided(x_T, labels, progress=False), expected, rtol=1e-4, atol=1e-5)
-    unguided = sampler_of(config, model, w=0.)(x_T, labels, progress=False)
+    unguided = sampler_of(config, ClassifierFreeGuidance(model, 0.))(x_T, labels, progress=False)
     assert (unguided - expected).abs().max() > 1e-3
 
 
@@ -196,7 +200,8 @@ def test_sampler_of_builds_the_configured_sampler(changes, kind, steps):
 
 def test_sampler_of_passes_variance_eta_and_clipping():
     ddpm = sampler_of(config_of(variance="fixedsmall", clip_denoised=True), KnownEps())
-    assert ddpm.clip_denoised and ddpm.sample_var[0] == 0  # the posterior variance at t = 1
+    assert ddpm.clip_denoised and torch.equal(ddpm.sample_var[1:], ddpm.betas[1:] * (1 - ddpm.alphas_bar_prev[1:])
+                                              / (1 - ddpm.alphas_bar[1:]))  # the posterior variance
     ddim = sampler_of(config_of(sampler="ddim", eta=0.5), KnownEps())
     assert ddim.eta == 0.5 and ddim.sigmas[1:].min() > 0
 

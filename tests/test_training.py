@@ -11,15 +11,15 @@ import torchvision
 from PIL import Image
 
 import Main
-from conftest import as_arguments, grid_size, run_or_fail
+from conftest import as_arguments, grid_size, run_or_fail, training_dataset_of
 from Diffusion import Train
-from Diffusion.Checkpoint import RUN_INFO, TRAINING_STATE, save_atomically
-from Diffusion.Config import ConfigError
-from Diffusion.Data import training_dataset, training_loader
-from Diffusion.Distributed import EpochSampler, Processes
-from Diffusion.RunFolder import LOG, TENSORBOARD
-from Diffusion.Speed import grad_scaler
-from Diffusion.TrainingState import TrainingState, start
+from Diffusion.Machinery.Checkpoint import RUN_INFO, TRAINING_STATE, save_atomically
+from Diffusion.Machinery.Errors import ConfigError, DataUnavailable
+from Diffusion.Machinery.Data import training_loader
+from Diffusion.Machinery.Processes import EpochSampler, Processes
+from Diffusion.Machinery.RunFolder import LOG, TENSORBOARD
+from Diffusion.Machinery.TrainingState import TrainingState, start
+from Scheduler import GradualWarmupScheduler
 
 
 def files_in(folder):
@@ -189,9 +189,12 @@ def schedule_after_continuing(config):
     builds them: the first epoch to train and the LR it trains with."""
     model = Train.unet_of(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=1e-4)
-    state = TrainingState(model, None, optimizer, Train.warmup_cosine(optimizer, config),
-                          grad_scaler(config, torch.device("cpu")), Processes(torch.device("cpu")), config)
-    start(state, config, config["save_weight_dir"])
+    scheduler = GradualWarmupScheduler(optimizer, config["multiplier"], config["epoch"] // 10,
+                                       torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, config["epoch"]))
+    state = TrainingState(model, None, optimizer, scheduler, torch.amp.GradScaler("cpu", enabled=False),
+                          Processes(torch.device("cpu")), config["batch_size"])
+    start(state, config["save_weight_dir"], "save_weight_dir", config["training_load_weight"], config["seed"],
+          config["overwrite"])
     return state.epoch, optimizer.param_groups[0]["lr"]
 
 
@@ -231,7 +234,7 @@ def test_continuing_from_a_checkpoint_that_is_not_there_lists_those_that_are(tin
 
 
 def dataset_of(tiny_config, dataset, **changes):
-    return training_dataset({**tiny_config, "dataset": str(dataset), **changes})
+    return training_dataset_of({**tiny_config, "dataset": str(dataset), **changes})
 
 
 def test_image_folder_is_searched_recursively(tiny_config, image_folder):
@@ -256,7 +259,8 @@ def test_every_image_becomes_rgb_of_img_size_in_minus_1_1(tiny_config, odd_image
 def test_loader_gives_full_shuffled_batches_of_images_and_labels(tiny_config, image_folder):
     config = {**tiny_config, "batch_size": 6}
     dataset = dataset_of(config, image_folder)
-    loader = training_loader(dataset, config, EpochSampler(dataset, Processes(torch.device("cpu")), seed=0), "cpu")
+    loader = training_loader(dataset, config["batch_size"], 0, EpochSampler(dataset, Processes(torch.device("cpu")), seed=0),
+                             "cpu")
     batches = list(loader)
     assert len(batches) == 2  # 16 images: the incomplete third batch is dropped
     for images, labels in batches:
@@ -265,11 +269,11 @@ def test_loader_gives_full_shuffled_batches_of_images_and_labels(tiny_config, im
 
 def test_max_images_trains_on_a_fixed_subset(tiny_config, class_folders):
     config = {**tiny_config, "dataset": str(class_folders), "max_images": 5, "batch_size": 4}
-    first, second = training_dataset(config, labelled=True), training_dataset(config, labelled=True)
+    first, second = training_dataset_of(config, labelled=True), training_dataset_of(config, labelled=True)
     assert len(first) == 5 and list(first.indices) == list(second.indices)
     assert first.classes == ["airplane", "bird", "cat"]
     with pytest.raises(ConfigError, match="max_images"):
-        training_dataset({**config, "batch_size": 6})
+        training_dataset_of({**config, "batch_size": 6})
 
 
 def test_dataset_smaller_than_batch_size_is_refused(tiny_config, image_folder):
@@ -295,7 +299,7 @@ def test_torchvision_dataset_loads_offline_when_its_files_exist(tiny_config, mni
     image, label = dataset[3]
     assert image.shape == (3, 16, 16) and -1 <= image.min() and image.max() <= 1
     assert label == 3
-    assert len(training_dataset({**tiny_config, "dataset": "MNIST", "data_root": str(mnist_root),
+    assert len(training_dataset_of({**tiny_config, "dataset": "MNIST", "data_root": str(mnist_root),
                                  "batch_size": 4}, labelled=True).classes) == 10
 
 
@@ -310,7 +314,7 @@ def test_downloaded_dataset_in_the_working_directory_is_not_taken_for_an_image_f
 def test_unreachable_download_says_what_to_download_and_where(tiny_config, tmp_path, monkeypatch):
     # A port nothing listens on: the download fails whether this machine is online or not.
     monkeypatch.setattr(torchvision.datasets.CIFAR10, "url", "http://127.0.0.1:9/cifar-10-python.tar.gz")
-    with pytest.raises(ConfigError) as error:
+    with pytest.raises(DataUnavailable) as error:
         dataset_of(tiny_config, "CIFAR10", data_root=str(tmp_path))
     message = str(error.value)
     assert "cifar-10-python.tar.gz" in message
@@ -320,7 +324,7 @@ def test_unreachable_download_says_what_to_download_and_where(tiny_config, tmp_p
 
 def test_unreachable_mnist_download_names_the_folder_mnist_reads(tiny_config, tmp_path, monkeypatch):
     monkeypatch.setattr(torchvision.datasets.MNIST, "mirrors", ["http://127.0.0.1:9/"])
-    with pytest.raises(ConfigError) as error:
+    with pytest.raises(DataUnavailable) as error:
         dataset_of(tiny_config, "MNIST", data_root=str(tmp_path))
     message = str(error.value)
     assert "train-images-idx3-ubyte.gz" in message
@@ -334,7 +338,7 @@ def test_unreachable_mnist_download_names_the_folder_mnist_reads(tiny_config, tm
 def test_one_image_channel_trains_samples_gray_and_is_named_when_it_does_not_fit(tiny_config, mnist_root, tmp_path):
     config = {**tiny_config, "dataset": "MNIST", "data_root": str(mnist_root), "img_channels": 1,
               "batch_size": 5, "sample_every": 1}
-    images, _ = training_dataset(config)[0]
+    images, _ = training_dataset_of(config)[0]
     assert images.shape == (1, 16, 16)
     Train.train(config)
     folder = Path(config["save_weight_dir"])

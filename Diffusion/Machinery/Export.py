@@ -11,8 +11,8 @@ import os
 import torch
 from tqdm import tqdm
 
-from Diffusion.Distributed import common_seed, wait_for_all
-from Diffusion.Images import save_png_atomically
+from Diffusion.Machinery.Processes import common_seed, wait_for_all
+from Diffusion.Machinery.Images import save_png_atomically
 
 
 def sample_file(folder, index):
@@ -28,7 +28,7 @@ def export_samples(draw, folder, num_samples, batch_size, processes, seed=None, 
     """Write images 0 .. num_samples - 1 that are not yet in `folder`; draw(first, count) ->
     images [count, 3, H, W] in [-1, 1] for indices first .. first + count - 1 (the conditional
     model picks each index's class from it). A progress bar counts the images, with an ETA.
-    processes (Distributed.Processes): each draws its share of the batches, and all return
+    processes (Processes.Processes): each draws its share of the batches, and all return
     together. seed None: a new random export. Returns how many images this process wrote."""
     rank, world_size = processes.rank, processes.world_size
     os.makedirs(folder, exist_ok=True)

@@ -9,6 +9,7 @@ the same either way.
 import itertools
 import os
 import random
+import socket
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -17,6 +18,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 from tqdm import tqdm
+
+from Diffusion.Machinery.Errors import ProcessLost
 
 
 @dataclass(frozen=True)
@@ -45,10 +48,13 @@ def launched_by_torchrun():
 
 
 @contextmanager
-def torchrun_processes(config):
+def torchrun_processes(device, if_lost=""):
     """Join torchrun's process group (NCCL on CUDA, with the GPU of LOCAL_RANK; gloo on CPU)
-    for the duration; a plain run is one process on config["device"]."""
-    device = torch.device(config["device"])
+    for the duration; a plain run is one process on `device` (a torch device or its name).
+    When another process stops (killed, out of memory, its machine lost), this one's next
+    collective fails: that ends the run with ProcessLost, which names the lost process and
+    adds `if_lost` (where the work is kept and how to continue)."""
+    device = torch.device(device)
     if not launched_by_torchrun():
         yield Processes(device)
         return
@@ -57,10 +63,54 @@ def torchrun_processes(config):
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                             device_id=device if device.type == "cuda" else None)
+    processes = Processes(device, dist.get_rank(), dist.get_world_size())
+    identities = gather((socket.gethostname(), os.getpid()), processes)
     try:
-        yield Processes(device, dist.get_rank(), dist.get_world_size())
+        yield processes
+    except RuntimeError as error:  # torch.distributed's errors (DistBackendError, ...) included
+        if not is_a_lost_peer(error):
+            raise
+        raise ProcessLost(f"{lost_processes(identities, processes)} stopped, so process "
+                          f"{processes.rank} stops too{if_lost}.") from None
     finally:
         dist.destroy_process_group()
+
+
+def is_a_lost_peer(error):
+    """Whether a collective failed because another process is gone (gloo: the connection was
+    reset or closed; NCCL: the communicator was aborted or timed out)."""
+    text = str(error)
+    return isinstance(error, dist.DistError) or any(
+        sign in text for sign in ("Connection reset", "Connection closed", "NCCL", "gloo"))
+
+
+def lost_processes(identities, processes):
+    """The processes of this machine that are no longer running (by their pids), as words:
+    "process 1 of 2 (pid 1234)"; "another of the N processes" when none of them is (it ran on
+    another machine)."""
+    here = socket.gethostname()
+    lost = [f"process {rank} of {processes.world_size} (pid {pid})"
+            for rank, (host, pid) in enumerate(identities)
+            if rank != processes.rank and host == here and not is_running(pid)]
+    return ", ".join(lost) or f"another of the {processes.world_size} processes"
+
+
+def is_running(pid):
+    """Whether process `pid` runs: on Linux, a process that has ended but is not yet reaped (a
+    zombie) does not; elsewhere, whether it can be signalled."""
+    if not os.path.isdir("/proc"):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 def for_training(model, processes):

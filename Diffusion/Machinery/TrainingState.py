@@ -11,7 +11,7 @@ import os
 
 from tqdm import tqdm
 
-from Diffusion.Checkpoint import (
+from Diffusion.Machinery.Checkpoint import (
     TRAINING_STATE,
     epoch_of,
     list_checkpoints,
@@ -22,10 +22,10 @@ from Diffusion.Checkpoint import (
     safe_load,
     save_atomically,
 )
-from Diffusion.Config import ConfigError
-from Diffusion.Distributed import common_seed, gather
-from Diffusion.Randomness import batch_generator, restore_rng_states, rng_states, seed_process
-from Diffusion.RunFolder import clear_run, describe_run, run_files
+from Diffusion.Machinery.Errors import ConfigError
+from Diffusion.Machinery.Processes import common_seed, gather
+from Diffusion.Machinery.Randomness import batch_generator, restore_rng_states, rng_states, seed_process
+from Diffusion.Machinery.RunFolder import clear_run, describe_run, run_files
 
 STATE_FORMAT = "simplest-ddpm training state 1"
 
@@ -34,10 +34,10 @@ class TrainingState:
     """The objects a run trains and where it is: `epoch` (the one being trained, 0-based),
     `step_in_epoch` (optimizer steps taken in it) and `step` (in all)."""
 
-    def __init__(self, model, ema, optimizer, scheduler, scaler, processes, config):
+    def __init__(self, model, ema, optimizer, scheduler, scaler, processes, batch_size):
         self.model, self.ema, self.optimizer = model, ema, optimizer
         self.scheduler, self.scaler, self.processes = scheduler, scaler, processes
-        self.config, self.batch_size = config, config["batch_size"]
+        self.batch_size = batch_size
         self.epoch = self.step_in_epoch = self.step = 0
         self.skipped_steps = self.non_finite_in_a_row = 0  # steps whose gradients were not finite
         self.seed = self.generator = None
@@ -71,7 +71,7 @@ class TrainingState:
     def load_state_dict(self, state, path):
         """Continue from `state`, read from `path`: exactly (with the same processes and
         batch_size), or as closely as the processes and batch_size allow, saying so."""
-        load_into(self.model, state["model"], path, self.config)
+        load_into(self.model, state["model"], path)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
@@ -110,38 +110,32 @@ def note(processes, message):
         tqdm.write(message)
 
 
-def checkpoint_dir_key(config):
-    """The config key of the checkpoint folder: save_dir (MainCondition.py) or save_weight_dir."""
-    return "save_dir" if "save_dir" in config else "save_weight_dir"
-
-
-def start(state, config, folder):
-    """Begin a new run, or continue the one config["training_load_weight"] names."""
-    name = config["training_load_weight"]
-    if name is None:
-        begin_new_run(state, config, folder)
+def start(state, folder, folder_key, training_load_weight, seed, overwrite):
+    """Begin a new run in `folder` (config key `folder_key`), or continue the one
+    training_load_weight names there."""
+    if training_load_weight is None:
+        begin_new_run(state, folder, folder_key, seed, overwrite)
     else:
-        continue_run(state, config, folder, name)
+        continue_run(state, folder, training_load_weight, seed)
 
 
-def begin_new_run(state, config, folder):
-    """A new run into `folder`, which must hold no run yet (or config["overwrite"])."""
+def begin_new_run(state, folder, key, seed, overwrite):
+    """A new run into `folder`, which must hold no run yet (unless `overwrite`)."""
     # Every process looks at the folder before any of them can change it (common_seed waits
     # for all of them).
     existing, leftovers = describe_run(folder), run_files(folder)
-    if existing and not config["overwrite"]:
-        key = checkpoint_dir_key(config)
+    if existing and not overwrite:
         raise ConfigError(
             f"{folder!r} already holds a run ({existing}), and a new run would overwrite it: "
             f"continue it with --training_load_weight last, write the new run to another folder "
             f"with --{key} FOLDER, or start over in this one with --overwrite true (which "
             f"deletes the old run's checkpoints).")
-    state.seed_with(common_seed(config["seed"], state.processes))
+    state.seed_with(common_seed(seed, state.processes))
     if leftovers:  # the old run (overwrite), or the log of a run that never saved
         clear_run(folder, state.processes)
 
 
-def continue_run(state, config, folder, name):
+def continue_run(state, folder, name, seed):
     """Continue from `name` in `folder`: "last" (the training state, else the newest readable
     snapshot; an unreadable file is reported by name and the next one tried), training_state.pt,
     or a snapshot ckpt_{epoch}_.pt (its full training state when training_state.pt is from the
@@ -161,7 +155,7 @@ def continue_run(state, config, folder, name):
             note(state.processes, f"continuing from {candidate}: epoch {state.epoch}, step "
                                   f"{state.step_in_epoch} of it ({state.step} steps in all)")
         else:
-            continue_from_weights(state, config, saved, os.path.join(folder, candidate))
+            continue_from_weights(state, saved, os.path.join(folder, candidate), seed)
         return
     raise ConfigError(f"training_load_weight is {name!r} but {folder!r} holds nothing readable to "
                       f"continue from: set it to None to start a new run.")
@@ -192,17 +186,17 @@ def is_training_state(saved):
     return isinstance(saved, dict) and saved.get("format") == STATE_FORMAT
 
 
-def continue_from_weights(state, config, state_dict, path):
+def continue_from_weights(state, state_dict, path, seed):
     """Continue from a plain state_dict (a snapshot, or the original's checkpoint): its weights,
     a new optimizer, the EMA from them, the LR schedule moved to the epoch after its own."""
     if not isinstance(state_dict, dict) or not all(hasattr(v, "shape") for v in state_dict.values()):
         raise ConfigError(f"{path!r} is neither a training state nor a plain state_dict.")
-    load_into(state.model, state_dict, path, config)
+    load_into(state.model, state_dict, path)
     epoch = epoch_of(os.path.basename(path))
     state.epoch = 0 if epoch is None else epoch + 1
     state.scheduler.fast_forward(state.epoch)
     # New random numbers for the epochs to come: a fixed seed must not replay epoch 0's.
-    state.seed_with(common_seed(config["seed"], state.processes) + state.epoch)
+    state.seed_with(common_seed(seed, state.processes) + state.epoch)
     held = "the run's EMA weights" if read_run_info(os.path.dirname(path)).get("snapshot_weights") == "ema" \
         else "one set of weights, no EMA"
     note(state.processes, f"continuing from the weights of {os.path.basename(path)} at epoch "
@@ -211,7 +205,7 @@ def continue_from_weights(state, config, state_dict, path):
                           f"{TRAINING_STATE} continues a run exactly)")
 
 
-def weights_to_sample(folder, name, config, device):
+def weights_to_sample(folder, name, use_ema, device):
     """The state_dict eval samples from, test_load_weight `name` in `folder`:
     - a training state: its EMA weights, or with use_ema false (or no EMA) its raw weights;
     - a snapshot ckpt_{epoch}_.pt: its weights (the EMA's when its run had EMA, as run.json
@@ -223,12 +217,12 @@ def weights_to_sample(folder, name, config, device):
         return read_state_dict(folder, name, device)  # raises, listing the checkpoints there
     saved = safe_load(path, device)
     if is_training_state(saved):
-        use_ema = config["use_ema"] and saved["ema"] is not None
+        use_ema = use_ema and saved["ema"] is not None
         tqdm.write(f"sampling from the {'EMA' if use_ema else 'raw'} weights of {name} (epoch "
                    f"{saved['epoch']}, step {saved['step_in_epoch']} of it)")
         return ema_weights(saved["ema"]) if use_ema else saved["model"]
     holds = read_run_info(folder).get("snapshot_weights")
-    if holds == "ema" and not config["use_ema"]:
+    if holds == "ema" and not use_ema:
         return raw_weights_of_snapshot(folder, name, device)
     tqdm.write({"ema": f"sampling from the EMA weights in {name}",
                 "raw": f"sampling from {name} (its run had no EMA)"}.get(

@@ -20,9 +20,9 @@ from torch.utils.data import DataLoader
 from torchvision.transforms import v2 as transforms
 from tqdm import tqdm
 
-from Diffusion.Checkpoint import load_tensors, save_atomically
-from Diffusion.Config import ConfigError
-from Diffusion.Data import ImageFiles, image_folder, is_torchvision_dataset, torchvision_dataset
+from Diffusion.Machinery.Checkpoint import load_tensors, save_atomically
+from Diffusion.Machinery.Errors import ConfigError
+from Diffusion.Machinery.Data import ImageFiles, image_folder, is_torchvision_dataset, torchvision_dataset
 
 INCEPTION = "inception"
 INSTALL = "pip install -r requirements-optional.txt (torchmetrics and torch-fidelity)"

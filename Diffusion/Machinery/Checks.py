@@ -1,9 +1,11 @@
-"""Checks of config values that their kind alone does not catch, run before any work: numbers
-that are not finite, image file names PIL cannot write, folders the run cannot write to, and
-the training options (EMA, snapshots, the log, mixed precision) and the sampling ones.
+"""The checks of a config that a key's type alone does not make, run before any work: numbers
+that are not finite or out of range, a UNet that cannot be built, a schedule outside (0, 1), a
+device that is absent, image file names PIL cannot write, folders the run cannot write to, and
+the training and sampling options.
 
-Each check takes the whole config and returns the one-sentence message of a ConfigError, or
-None. They only look: nothing is created, so a refused config leaves no trace.
+Each check takes the whole config and returns the one-sentence message of a ConfigError (what
+was wrong, the value given, what to do), or None. They only look: nothing is created, so a
+refused config leaves no trace.
 """
 import functools
 import io
@@ -126,3 +128,78 @@ def sampling_options(config):
         return (f"state fid scores num_samples samples of test_load_weight, but num_samples is "
                 f"{config['num_samples']}: set it (the papers use 50000), or set fid_images to a "
                 f"folder of images.")
+
+
+def positive_counts(config):
+    """Counts of things (epochs, images, channels, steps) are at least 1."""
+    for key in ("epoch", "batch_size", "channel", "num_res_blocks", "img_size", "nrow"):
+        if key in config and config[key] < 1:
+            return f"config key '{key}' must be at least 1, not {config[key]}."
+    if config["T"] < 2:
+        return f"T, the number of diffusion steps, must be at least 2, not {config['T']}."
+    if config.get("max_images") is not None and config["max_images"] < 1:
+        return f"max_images must be at least 1 (or None for all images), not {config['max_images']}."
+    if config.get("num_workers", 0) < 0:
+        return f"num_workers must be 0 or more, not {config['num_workers']}."
+
+
+def unet_channels(config):
+    """GroupNorm's 32 groups need channel to be a multiple of 32."""
+    if config["channel"] % 32:
+        good = max(32, round(config["channel"] / 32) * 32)
+        return (f"channel must be a multiple of 32 (GroupNorm uses 32 groups), not "
+                f"{config['channel']}: try {good}.")
+    if not config["channel_mult"] or min(config["channel_mult"]) < 1:
+        return f"channel_mult must be a non-empty list of positive integers, not {config['channel_mult']}."
+
+
+def attention_levels(config):
+    """attn names levels that channel_mult has."""
+    levels = len(config["channel_mult"])
+    bad = [level for level in config.get("attn", []) if not 0 <= level < levels]
+    if bad:
+        return (f"attn {config['attn']} names level {bad[0]}, but channel_mult "
+                f"{config['channel_mult']} has levels 0..{levels - 1}: use indices in that range.")
+
+
+def halvable_image_size(config):
+    """The UNet halves img_size once per level after the first."""
+    halvings = len(config["channel_mult"]) - 1
+    if config["img_size"] % 2 ** halvings:
+        return (f"img_size {config['img_size']} cannot be halved {halvings} times (once per "
+                f"channel_mult level after the first): use a multiple of {2 ** halvings}, or "
+                f"fewer levels in channel_mult.")
+
+
+def schedule_and_probabilities(config):
+    """A schedule inside (0, 1), probabilities in [0, 1], positive rates."""
+    if not 0 < config["beta_1"] <= config["beta_T"] < 1:
+        return (f"need 0 < beta_1 <= beta_T < 1, got beta_1 {config['beta_1']} and beta_T "
+                f"{config['beta_T']}.")
+    for key in ("dropout", "p_uncond"):
+        if key in config and not 0 <= config[key] <= 1:
+            return f"{key} is a probability between 0 and 1, not {config[key]}."
+    for key in ("lr", "multiplier", "grad_clip", "group_norm_eps"):
+        if key in config and not (config[key] > 0 and math.isfinite(config[key])):
+            return f"{key} must be a positive number, not {config[key]}."
+
+
+def available_device(config):
+    """The device exists here."""
+    try:
+        device = torch.device(config["device"])
+    except RuntimeError:
+        return (f"device {config['device']!r} is not a torch device: use cpu, cuda or cuda:N.")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return f"device is {config['device']!r} but CUDA is not available here: use --device cpu."
+
+
+def class_labels(config):
+    """labels lists class indices."""
+    if config.get("labels") is not None and (not config["labels"] or min(config["labels"]) < 0):
+        return f"labels must list class indices (0, 1, ...), not {config['labels']}."
+
+
+CHECKS = [finite_numbers, positive_counts, unet_channels, attention_levels, halvable_image_size,
+          schedule_and_probabilities, available_device, class_labels, image_names, writable_folders,
+          training_options, sampling_options]

@@ -20,8 +20,8 @@ import torch
 from torchvision.utils import make_grid, save_image
 from tqdm import tqdm
 
-from Diffusion.Distributed import sum_over_processes
-from Diffusion.RunFolder import LOG, PREVIEWS, TENSORBOARD
+from Diffusion.Machinery.Processes import sum_over_processes
+from Diffusion.Machinery.RunFolder import LOG, PREVIEWS, TENSORBOARD
 
 
 def tensorboard_writer(folder):
@@ -79,11 +79,11 @@ class Progress:
 
     UPDATE_EVERY = 10  # steps between bar updates (each one waits for the device)
 
-    def __init__(self, config, state, steps_per_epoch, processes):
-        self.processes = processes
-        self.images_per_step = config["batch_size"] * processes.world_size
-        self.steps_left = (config["epoch"] - state.epoch) * steps_per_epoch - state.step_in_epoch
-        self.steps_per_epoch, self.epochs = steps_per_epoch, config["epoch"]
+    def __init__(self, state, epochs, steps_per_epoch):
+        self.processes = state.processes
+        self.images_per_step = state.batch_size * state.processes.world_size
+        self.steps_left = (epochs - state.epoch) * steps_per_epoch - state.step_in_epoch
+        self.steps_per_epoch, self.epochs = steps_per_epoch, epochs
         self.started = time.monotonic()
         self.steps_done = 0
         self.since_record = self._sums()

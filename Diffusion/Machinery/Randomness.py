@@ -2,9 +2,9 @@
 same result, and so that N processes train like one process with an N times larger batch.
 
 Two kinds of randomness:
-- Per image (the flip, the timestep t, the noise eps, the dropped label): drawn by `GlobalBatch`
-  from one generator seeded alike in every process, for the images of all processes together;
-  each process keeps its share. Image i of a global batch gets the same numbers whatever the
+- Per image (the flip, the timestep t, the noise eps, the dropped label): drawn by
+  `GlobalBatchRandomness` from one generator seeded alike in every process, for the images of
+  all processes together; each process keeps its share. Image i of a global batch gets the same numbers whatever the
   number of processes.
 - Inside the network (dropout): each process's own torch generators, seeded with seed + rank.
 
@@ -17,10 +17,11 @@ import numpy as np
 import torch
 
 
-class GlobalBatch:
-    """The batch of all `world_size` processes together. This process holds its images
-    rank, rank + world_size, ... (as DistributedSampler deals them out); every random draw is
-    made for the whole global batch from `generator` and this process keeps those positions.
+class GlobalBatchRandomness:
+    """The random numbers of the images of a global batch, the batch of all `world_size`
+    processes together. This process holds its images rank, rank + world_size, ... (as
+    DistributedSampler deals them out); every draw is made for the whole global batch from
+    `generator` and this process keeps its positions.
 
     With the defaults (no generator, one process) the draws come from torch's global generator.
     """
@@ -56,10 +57,10 @@ class GlobalBatch:
         return torch.rand((), generator=self.generator, device=device)
 
 
-def flip_left_right_at_random(images, batch):
+def flip_left_right_at_random(images, randomness):
     """Each image [B, C, H, W] mirrored left-right with probability 1/2 (the original's
     RandomHorizontalFlip, drawn here so that a continued run sees the same flips)."""
-    flip = batch.rand(images.shape[0], images.device) < 0.5
+    flip = randomness.rand(images.shape[0], images.device) < 0.5
     return torch.where(flip[:, None, None, None], images.flip(-1), images)
 
 
@@ -71,7 +72,7 @@ def seed_process(seed, rank):
 
 
 def batch_generator(seed, device):
-    """The generator of GlobalBatch on `device`, the same in every process."""
+    """The generator of GlobalBatchRandomness on `device`, the same in every process."""
     return torch.Generator(device).manual_seed(seed)
 
 

@@ -15,8 +15,8 @@ import warnings
 
 import torch
 
-from Diffusion.Config import ConfigError
-from Diffusion.Data import CIFAR10_CLASSES
+from Diffusion.Machinery.Errors import ConfigError, SaveFailed
+from Diffusion.Machinery.Data import CIFAR10_CLASSES
 
 TRAINING_STATE = "training_state.pt"
 RUN_INFO = "run.json"
@@ -56,7 +56,7 @@ def _free_space(folder):
 
 def _write_atomically(write, path):
     """write(temporary path), then rename it to `path`, so `path` is never half written. A write
-    that fails (a full disk, a folder that went away) raises a ConfigError naming the file."""
+    that fails (a full disk, a folder that went away) raises SaveFailed naming the file."""
     folder = os.path.dirname(path) or "."
     temporary = f"{path}.tmp"
     try:
@@ -64,7 +64,7 @@ def _write_atomically(write, path):
         write(temporary)
         os.replace(temporary, path)
     except (OSError, RuntimeError) as error:  # torch.save reports a failed write as RuntimeError
-        raise ConfigError(f"could not write {path!r} ({_write_failure(error)}; "
+        raise SaveFailed(f"could not write {path!r} ({_write_failure(error)}; "
                           f"{_free_space(folder)}); the file there before, if any, and the rest of "
                           f"the folder are intact: free some space, or choose another folder.") from None
     finally:
@@ -214,12 +214,8 @@ def unet_config_of(state_dict):
     return found
 
 
-def _as_list(value):
-    return list(value) if isinstance(value, tuple) else value
-
-
-def describe_mismatch(state_dict, model, config):
-    """Why a state_dict does not load into `model` built from `config`, and what to change."""
+def describe_mismatch(state_dict, model):
+    """Why a state_dict does not load into `model` (built from the config), and what to change."""
     has_class_embedding = num_labels_of(state_dict) is not None
     wants_class_embedding = hasattr(model, "cond_embedding")
     if has_class_embedding and not wants_class_embedding:
@@ -232,30 +228,24 @@ def describe_mismatch(state_dict, model, config):
         found = unet_config_of(state_dict)
     except KeyError as missing:
         return f"it is not a checkpoint of this repo's UNet (it has no {missing})"
-    wanted_labels = num_labels_of(model.state_dict())
-    if has_class_embedding and found["num_labels"] != wanted_labels:
-        return (f"it was trained on {found['num_labels']} classes, but dataset "
-                f"{config['dataset']!r} has {wanted_labels}: continue on a dataset of the same "
-                f"{found['num_labels']} classes, or start a new run (training_load_weight None) "
-                f"in another folder")
-    differing = [f"{key} {found[key]} (config: {config[key]})" for key in found
-                 if key in config and found[key] != _as_list(config[key])]
+    wanted = unet_config_of(model.state_dict())
+    if has_class_embedding and found["num_labels"] != wanted["num_labels"]:
+        return (f"it was trained on {found['num_labels']} classes, but the dataset has "
+                f"{wanted['num_labels']}: continue on a dataset of the same {found['num_labels']} "
+                f"classes, or start a new run (training_load_weight None) in another folder")
+    differing = [f"{key} {found[key]} (config: {wanted[key]})" for key in found if found[key] != wanted[key]]
     if differing:
         return "it was trained with " + ", ".join(differing) + ": set these keys to match"
     return "its tensors do not match the model's; check channel_mult, attn and num_res_blocks"
 
 
-def load_into(model, state_dict, path, config):
+def load_into(model, state_dict, path):
     """model.load_state_dict(state_dict, strict=True); a state_dict that does not fit raises a
     ConfigError naming the config keys that probably differ."""
     try:
         model.load_state_dict(state_dict, strict=True)
     except RuntimeError:
-        reason = describe_mismatch(state_dict, model, config)
+        reason = describe_mismatch(state_dict, model)
         raise ConfigError(f"checkpoint {path!r} does not fit the model of this config: "
                           f"{reason}.") from None
 
-
-def load_weights(model, folder, name, config, device):
-    """Load the checkpoint folder/name into `model` (see read_state_dict and load_into)."""
-    load_into(model, read_state_dict(folder, name, device), os.path.join(folder, name), config)

@@ -19,8 +19,8 @@ from torchvision.datasets.utils import check_integrity
 from torchvision.transforms import v2 as transforms
 from tqdm import tqdm
 
-from Diffusion.Config import ConfigError
-from Diffusion.Interrupt import ignore_ctrl_c
+from Diffusion.Machinery.Errors import ConfigError, DataUnavailable
+from Diffusion.Machinery.Interrupt import ignore_ctrl_c
 
 # torchvision reads CIFAR-10's class names from the dataset's files; eval needs them without.
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -58,8 +58,8 @@ def load_readable(paths, index):
                 tqdm.write(f"warning: skipping {paths[i]!r}, which cannot be read as an image "
                            f"({why}); the next image takes its place ({len(_skipped_files)} "
                            f"skipped so far): delete or replace the file.", file=sys.stderr)
-    raise ConfigError(f"none of the {len(paths)} image files of the dataset can be read: "
-                      f"check the dataset folder.")
+    raise DataUnavailable(f"none of the {len(paths)} image files of the dataset can be read: "
+                          f"check the dataset folder.")
 
 
 class ImageFiles(Dataset):
@@ -195,54 +195,49 @@ def torchvision_dataset(name, data_root, transform):
         corrupt = [path for path, md5 in downloaded_files(dataset_class, folder)
                    if md5 and os.path.isfile(path) and not check_integrity(path, md5)]
         if corrupt:
-            raise ConfigError(f"{os.path.abspath(corrupt[0])} is corrupt or incomplete (its MD5 "
-                              f"checksum is not the one torchvision expects): delete it, then run "
-                              f"again online to download it afresh, or put an intact copy "
-                              f"there{uncompressed}.") from None
+            raise DataUnavailable(f"{os.path.abspath(corrupt[0])} is corrupt or incomplete (its "
+                                  f"MD5 checksum is not the one torchvision expects): delete it, "
+                                  f"then run again online to download it afresh, or put an "
+                                  f"intact copy there{uncompressed}.") from None
         # The last line says why: torchvision's MNIST lists each mirror it tried above it.
         reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
-        raise ConfigError(f"could not load or download {name} ({reason}): on a machine that "
-                          f"is online, download {download_hint(dataset_class)}, and put "
-                          f"it in {os.path.abspath(folder)}{uncompressed}; or set dataset to a "
-                          f"folder of images.") from None
+        raise DataUnavailable(f"could not load or download {name} ({reason}): on a machine that "
+                              f"is online, download {download_hint(dataset_class)}, and put "
+                              f"it in {os.path.abspath(folder)}{uncompressed}; or set dataset to a "
+                              f"folder of images.") from None
 
 
-def training_dataset(config, labelled=False):
-    """The dataset named by config["dataset"], cut to a fixed random max_images of its images;
-    `labelled`: with class labels (its `.classes` names them)."""
-    transform = training_transform(config["img_size"], config["img_channels"])
-    name = config["dataset"]
+def training_dataset(name, data_root, img_size, img_channels, max_images, batch_size, labelled=False):
+    """The dataset `name` (a torchvision dataset in data_root, or a folder of images), its
+    images fitted to img_size with img_channels, cut to a fixed random max_images of them (None:
+    all); its `.classes` names the classes (empty without labels). `labelled`: the model trains
+    on its labels, so it must have some."""
+    transform = training_transform(img_size, img_channels)
     if is_torchvision_dataset(name):
-        dataset = torchvision_dataset(name, config["data_root"], transform)
+        dataset = torchvision_dataset(name, data_root, transform)
     else:
         dataset = image_folder(name, transform, labelled)
-    if labelled and not getattr(dataset, "classes", None):
+    classes = list(getattr(dataset, "classes", None) or [])
+    if labelled and not classes:
         raise ConfigError(f"dataset {name!r} has no class labels (no .classes): the "
                           f"class-conditional model needs a labelled dataset.")
-    if config["max_images"] is not None and config["max_images"] < len(dataset):
-        classes = getattr(dataset, "classes", None)
+    if max_images is not None and max_images < len(dataset):
         chosen = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))
-        dataset = Subset(dataset, chosen[:config["max_images"]].tolist())
-        dataset.classes = classes
-    if len(dataset) < config["batch_size"]:
+        dataset = Subset(dataset, chosen[:max_images].tolist())
+    if len(dataset) < batch_size:
         raise ConfigError(f"dataset {name!r} has {len(dataset)} images, fewer than batch_size "
-                          f"{config['batch_size']} (the last incomplete batch is dropped): lower "
+                          f"{batch_size} (the last incomplete batch is dropped): lower "
                           f"batch_size, add images, or raise max_images.")
+    dataset.classes = classes
     return dataset
 
 
-def training_loader(dataset, config, sampler, device):
-    """Batches of (images [B, 3, img_size, img_size] in [-1, 1], labels [B]) in the order of
+def training_loader(dataset, batch_size, num_workers, sampler, device):
+    """Batches of (images [B, C, img_size, img_size] in [-1, 1], labels [B]) in the order of
     `sampler`; the last incomplete batch is dropped."""
-    workers = config["num_workers"]
     # Its own generator: the loader draws its workers' seeds from it, not from torch's global
     # generator, whose state a training state saves.
-    return DataLoader(dataset, batch_size=config["batch_size"], sampler=sampler, drop_last=True,
-                      num_workers=workers, persistent_workers=workers > 0,
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True,
+                      num_workers=num_workers, persistent_workers=num_workers > 0,
                       pin_memory=torch.device(device).type == "cuda", worker_init_fn=ignore_ctrl_c,
                       generator=torch.Generator())
-
-
-def default_num_workers():
-    """Up to 4 data-loading workers, no more than the CPUs."""
-    return min(4, os.cpu_count() or 1)

@@ -12,8 +12,8 @@ from torchvision.transforms.functional import to_pil_image
 from torchvision.utils import make_grid
 from tqdm import tqdm
 
-from Diffusion.Images import grid_of, save_grid
-from Diffusion.Sampling import steps_of
+from Diffusion.Machinery.Images import grid_of, save_grid
+from Diffusion.Machinery.Sampling import steps_of
 
 FRAME_MILLISECONDS = 150  # each GIF frame, but the last
 LAST_FRAME_MILLISECONDS = 2000  # the samples stay a while before the loop starts again

@@ -13,23 +13,23 @@ import shutil
 
 from tqdm import tqdm
 
-from Diffusion.Checkpoint import (
+from Diffusion.Machinery.Checkpoint import (
     RUN_INFO,
     TRAINING_STATE,
     checkpoint_name,
     list_checkpoints,
     save_atomically,
 )
-from Diffusion.Distributed import wait_for_all
+from Diffusion.Machinery.Processes import wait_for_all
 
 LOG = "training_log.jsonl"
 TENSORBOARD = "tensorboard"
 PREVIEWS = "samples"
 
 
-def is_snapshot_epoch(epoch, config):
-    """Whether a weight snapshot is written after `epoch` (0-based)."""
-    return (epoch + 1) % config["save_every"] == 0 or epoch == config["epoch"] - 1
+def is_snapshot_epoch(epoch, save_every, epochs):
+    """Whether a weight snapshot is written after `epoch` (0-based) of a run of `epochs`."""
+    return (epoch + 1) % save_every == 0 or epoch == epochs - 1
 
 
 def save_snapshot(weights, folder, epoch, keep_last):
@@ -79,15 +79,16 @@ def _amount(mb):
     return f"{mb / 1024:.1f} GB" if mb >= 1024 else f"{mb:.0f} MB"
 
 
-def disk_plan(config, folder, first_epoch, weights_mb, state_mb):
-    """One line: what the run will write into `folder` and about how much disk it takes."""
-    epochs = [e for e in range(first_epoch, config["epoch"]) if is_snapshot_epoch(e, config)]
-    kept = len(epochs) if config["keep_last"] is None else min(len(epochs), config["keep_last"])
-    shown = ", ".join(map(str, epochs[:3])) + (f", ..., {epochs[-1]}" if len(epochs) > 3 else "")
-    keeping = "all kept" if config["keep_last"] is None else f"the newest {config['keep_last']} kept"
-    minutes = config["save_state_minutes"]
+def disk_plan(folder, first_epoch, epochs, save_every, keep_last, minutes, weights_mb, state_mb):
+    """One line: what a run from `first_epoch` to `epochs` will write into `folder` (snapshots
+    every save_every epochs, the newest keep_last kept; the training state every `minutes`) and
+    about how much disk it takes."""
+    snapshots = [e for e in range(first_epoch, epochs) if is_snapshot_epoch(e, save_every, epochs)]
+    kept = len(snapshots) if keep_last is None else min(len(snapshots), keep_last)
+    shown = ", ".join(map(str, snapshots[:3])) + (f", ..., {snapshots[-1]}" if len(snapshots) > 3 else "")
+    keeping = "all kept" if keep_last is None else f"the newest {keep_last} kept"
     return (f"this run writes into {folder}: ckpt_{{epoch}}_.pt after epoch {shown or 'none'} "
-            f"({len(epochs)} snapshot{'' if len(epochs) == 1 else 's'} of {_amount(weights_mb)}, {keeping}) "
+            f"({len(snapshots)} snapshot{'' if len(snapshots) == 1 else 's'} of {_amount(weights_mb)}, {keeping}) "
             f"and {TRAINING_STATE} "
             f"({_amount(state_mb)}) after every epoch and every {minutes:g} minutes: about "
             f"{_amount(kept * weights_mb + state_mb)} in all")

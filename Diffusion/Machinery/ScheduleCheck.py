@@ -47,10 +47,9 @@ def beta_T_that_removes_the_signal(beta_1, T, limit=SIGNAL_LEFT_LIMIT):
     return high
 
 
-def warn_if_x_T_keeps_the_image(config):
-    """One warning line on stderr when config's schedule leaves more than SIGNAL_LEFT_LIMIT of
-    x_0 in x_T, with the numbers and a beta_T that fixes it."""
-    beta_1, beta_T, T = config["beta_1"], config["beta_T"], config["T"]
+def warn_if_x_T_keeps_the_image(beta_1, beta_T, T):
+    """One warning line on stderr when the schedule leaves more than SIGNAL_LEFT_LIMIT of x_0
+    in x_T, with the numbers and a beta_T that fixes it."""
     left = signal_left_at_T(beta_1, beta_T, T)
     if left <= SIGNAL_LEFT_LIMIT:
         return

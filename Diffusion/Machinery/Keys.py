@@ -1,0 +1,120 @@
+"""Every config key of Main.py, once: its default, what it means (`--help` and docs/config.md
+show this), and what it takes where the default does not say it: the words it chooses from, the
+type of a key whose default is None, a number that may also be a list.
+
+The keys the original's dicts have keep its names and values (Main.py lists them). MainCondition.py
+takes these keys with the defaults its model changes, and adds the keys of guidance
+(DiffusionFreeGuidence/TrainCondition.py); the unconditional UNet's own keys are at the end.
+"""
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from Diffusion.Model import DOWNSAMPLE_PADDINGS
+
+STATES = ("train", "eval", "fid")
+SAMPLERS = ("ddpm", "ddim")
+
+
+@dataclass(frozen=True)
+class Key:
+    """A config key: `default`, its one-line `meaning`; `choices`, the only values it takes;
+    `kind`, the type of its values where the default does not tell it (a None default: int,
+    str, list[int]; or float | list[float] for a number that may also be a list)."""
+    default: Any
+    meaning: str
+    choices: tuple = ()
+    kind: Any = None
+
+
+KEYS = {
+    "state": Key("train", "train a model; eval: sample image grids from a checkpoint; fid: FID "
+                          "and IS of samples", STATES),
+    "epoch": Key(200, "passes over the training set"),
+    "batch_size": Key(80, "images per training step, per process under torchrun (scale lr with "
+                          "the global batch); images sampled by eval"),
+    "T": Key(1000, "diffusion steps"),
+    "channel": Key(128, "base channel count of the UNet (a multiple of 32)"),
+    "channel_mult": Key([1, 2, 3, 4], "channels of each resolution level, as multiples of channel"),
+    "num_res_blocks": Key(2, "ResBlocks per level on the down path (one more on the up path)"),
+    "dropout": Key(0.15, "dropout in every ResBlock while training"),
+    "lr": Key(1e-4, "learning rate of AdamW before warm-up"),
+    "multiplier": Key(2., "warm-up takes the learning rate to lr * multiplier over epoch // 10 epochs"),
+    "beta_1": Key(1e-4, "noise variance beta_1 of the first step (linear schedule)"),
+    "beta_T": Key(0.02, "noise variance beta_T of the last step (linear schedule)"),
+    "img_size": Key(32, "height and width of the images (the UNet halves it once per level)"),
+    "grad_clip": Key(1., "largest gradient norm; larger gradients are scaled down"),
+    "device": Key("cuda" if torch.cuda.is_available() else "cpu",
+                  "torch device: cuda, cuda:1, cpu, ... (default: cuda if present, else cpu)"),
+    "training_load_weight": Key(None, "checkpoint to continue training from (in the checkpoint "
+                                      "folder); last: the newest there", kind=str),
+    "test_load_weight": Key("ckpt_199_.pt", "checkpoint eval samples from (in the checkpoint folder)"),
+    "sampled_dir": Key("./SampledImgs/", "folder eval writes its image grids to"),
+    "sampledNoisyImgName": Key("NoisyNoGuidenceImgs.png", "file name of the grid of starting noise x_T"),
+    "sampledImgName": Key("SampledNoGuidenceImgs.png", "file name of the grid of samples x_0"),
+    "nrow": Key(8, "images per row of the grids (MainCondition.py puts one class per row instead)"),
+    # The keys this repo adds.
+    "img_channels": Key(3, "3: RGB images; 1: grayscale (MNIST, Fashion-MNIST), one channel to model",
+                        (1, 3)),
+    "dataset": Key("CIFAR10", "CIFAR10, another torchvision dataset (MNIST, CIFAR100, ...), or a "
+                              "folder of images"),
+    "data_root": Key(".", "where torchvision datasets are downloaded to (a folder per dataset)"),
+    "num_workers": Key(min(4, os.cpu_count() or 1),
+                       "data-loading worker processes (default: up to 4, no more than the CPUs)"),
+    "max_images": Key(None, "train on a fixed random subset of this many images (None: all of them)",
+                      kind=int),
+    "seed": Key(None, "random seed (None: a different run each time)", kind=int),
+    "clip_denoised": Key(False, "clip the predicted x_0 to [-1, 1] at every sampling step"),
+    "ema_decay": Key(0.9999, "decay of the exponential moving average of the weights (0: no EMA); "
+                             "snapshots hold the EMA weights"),
+    "use_ema": Key(True, "eval samples from the EMA weights (false: the raw weights of "
+                         "training_state.pt)"),
+    "save_every": Key(10, "write the weight snapshot ckpt_{epoch}_.pt every this many epochs (and "
+                          "after the last)"),
+    "keep_last": Key(None, "keep only the newest this many snapshots (None: all)", kind=int),
+    "save_state_minutes": Key(5., "minutes between saves of training_state.pt within an epoch (it "
+                                  "is also saved after every epoch and on SIGTERM or Ctrl-C)"),
+    "log_every": Key(100, "steps between lines of training_log.jsonl (0: one per epoch only)"),
+    "sample_every": Key(10, "epochs between sample grids in the checkpoint folder's samples/ and "
+                            "TensorBoard (0: never)"),
+    "overwrite": Key(False, "let a new run (training_load_weight None) delete a run already in the "
+                            "checkpoint folder"),
+    "amp": Key("none", "mixed precision: none (float32), bf16 (GPU or CPU) or fp16 (GPU, with loss "
+                       "scaling)", ("none", "bf16", "fp16")),
+    "compile": Key(False, "torch.compile the UNet (faster steps after a slow start)"),
+    "channels_last": Key(False, "NHWC memory format for the UNet (faster convolutions on GPUs)"),
+    "sampler": Key("ddpm", "ddpm: Algorithm 2 (respaced when sample_steps < T); ddim: DDIM (Song "
+                           "et al. 2021)", SAMPLERS),
+    "sample_steps": Key(None, "network evaluations per sample, out of T (None: all T)", kind=int),
+    "eta": Key(0., "DDIM's noise: 0 deterministic, 1 as DDPM's posterior variance (ddim only)"),
+    "skip_type": Key("uniform", "which sample_steps timesteps are visited: uniform or quadratic (as "
+                                "DDIM)", ("uniform", "quadratic")),
+    "variance": Key("fixedlarge", "sigma_t^2 of ddpm: fixedlarge beta_t (the original) or "
+                                  "fixedsmall (the posterior's)", ("fixedlarge", "fixedsmall")),
+    "process_frames": Key(10, "columns of the process picture and frames of its GIF, at most "
+                              "sample_steps + 1 (0: neither)"),
+    "sampledProcessImgName": Key("ProcessNoGuidenceImgs.png", "file name of the picture of the "
+                                 "denoising process: x_t and predicted x_0"),
+    "sampledProcessGifName": Key("ProcessNoGuidence.gif", "file name of the animated GIF of the "
+                                 "grid from noise to samples"),
+    "num_samples": Key(0, "images eval exports as single PNGs into export_dir (0: none); fid scores "
+                          "them"),
+    "export_dir": Key("./SampledImgs/NoGuidenceSamples/", "folder of the exported samples "
+                      "(MainCondition.py: a subfolder w{w} per w)"),
+    "fid_images": Key(None, "folder of images that state fid scores (None: the checkpoint's "
+                            "num_samples samples)", kind=str),
+    "fid_extractor": Key("inception", "features of FID and IS: inception (downloaded once) or a "
+                                      "StandInClassifier file"),
+    "fid_stats_dir": Key("./FidStats/", "folder caching the training set's FID statistics"),
+}
+
+# The unconditional UNet's own keys; MainCondition.py has none of them.
+UNET_KEYS = {
+    "attn": Key([2], "levels (indices into channel_mult) with self-attention"),
+    "save_weight_dir": Key("./CheckPoints/", "folder of the checkpoints ckpt_{epoch}_.pt"),
+    "group_norm_eps": Key(1e-5, "epsilon of every GroupNorm (1e-6 for the official DDPM model)"),
+    "downsample_padding": Key("symmetric", "symmetric (the original) or same (TensorFlow's, the "
+                                           "official DDPM model)", DOWNSAMPLE_PADDINGS),
+}
