@@ -1,7 +1,7 @@
-"""What fast sampling costs: speed and FID of DDPM-1000, DDIM-100 and DDIM-50, in one run.
+"""What fast sampling costs: speed and FID of DDPM-1000, DDIM and the ODE solvers, in one run.
 
     python benchmarks/sampling.py --speed default                    # the default models (GPU)
-    python benchmarks/sampling.py --speed small --fid_dir RUN --data_root DATA   # a small model (CPU)
+    python benchmarks/sampling.py --speed small --fid_dir RUN --data_root DATA --seeds 0,1,2
 
 Speed: seconds per image of one whole sampling run of batch_size images, for each sampler,
 unguided (Main.py's UNet) and guided (MainCondition.py's UNet, w = 1.8: two estimates per
@@ -9,9 +9,10 @@ step), both with T = 1000. `--speed default` times the default architectures, `-
 the small one below; the weights are random (speed does not depend on them).
 
 FID: for the small model trained by the command in benchmarks/RESULTS.md (its checkpoint in
-RUN/ckpt), num_samples images of each sampler are exported into RUN/samples/<sampler> (an
-interrupted run continues there) and scored against the training set with the same feature
-extractor. Offline, Inception's weights cannot be downloaded, so the extractor is a
+RUN/ckpt, sampled from its EMA weights), num_samples images of each sampler and seed are
+exported into RUN/samples/<sampler>/seed<seed> (an interrupted run continues there), timed, and
+scored against the training set with the same feature extractor; each row gives the FID of
+every seed, their mean and the seconds per image of the export. Offline, the extractor is a
 StandInClassifier trained here on the dataset's labels (RUN/classifier.pt, trained when
 missing): its FID is NOT the papers' Inception FID, only comparable within the table. The row
 "training images" scores num_samples real images the same way: the floor that a perfect model
@@ -19,6 +20,7 @@ would reach with so few images.
 """
 import argparse
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -45,11 +47,12 @@ SMALL = {"dataset": "FashionMNIST", "img_size": 16, "channel": 32, "channel_mult
          "attn": [], "num_res_blocks": 1, "T": 1000, "beta_1": 1e-4, "beta_T": 0.02, "dropout": 0.,
          "clip_denoised": True}
 SAMPLERS = {"DDPM-1000": {"sampler": "ddpm", "sample_steps": None},
-            "DDPM-100 (respaced)": {"sampler": "ddpm", "sample_steps": 100},
             "DDIM-100": {"sampler": "ddim", "sample_steps": 100, "eta": 0.},
-            "DDIM-50": {"sampler": "ddim", "sample_steps": 50, "eta": 0.},
-            "DDIM-100-eta1": {"sampler": "ddim", "sample_steps": 100, "eta": 1.}}
-SPEED_SAMPLERS = ("DDPM-1000", "DDIM-100", "DDIM-50")
+            "DDIM-25": {"sampler": "ddim", "sample_steps": 25, "eta": 0.},
+            **{f"{name}-{steps}": {"sampler": sampler, "sample_steps": steps, "solver_order": 2}
+               for name, sampler in (("DPM-Solver++", "dpmsolver++"), ("UniPC", "unipc"))
+               for steps in (10, 15, 20, 25)}}
+SPEED_SAMPLERS = ("DDPM-1000", "DDIM-100", "DDIM-25", "DPM-Solver++-20", "UniPC-10")
 
 
 def seconds_per_image(config, model, guided, batch_size, device):
@@ -114,30 +117,43 @@ def write_training_images(config, folder, count):
 
 
 def fid_rows(args, device):
+    """{sampler: {"fids": [per seed], "seconds_per_image": mean}} and the floor row."""
     run = Path(args.fid_dir)
     config = {**script_defaults("Main"), **SMALL, "img_channels": args.img_channels, "device": str(device),
               "data_root": args.data_root,
               "save_weight_dir": str(run / "ckpt"), "test_load_weight": args.checkpoint,
-              "num_samples": args.num_samples, "batch_size": args.fid_batch_size, "seed": 0,
+              "num_samples": args.num_samples, "batch_size": args.fid_batch_size,
               "num_workers": 0, "fid_stats_dir": str(run / "fid_stats"),
               "fid_extractor": str(run / "classifier.pt")}
     if not os.path.isfile(config["fid_extractor"]):
         accuracy = train_classifier(config, config["fid_extractor"])
         print(f"stand-in classifier: {accuracy:.1%} accuracy on 5,000 held-out training images")
     model, _ = trained_model(config, UNCONDITIONAL, device)
-    folders = {}
+    rows = {}
     for name, choice in SAMPLERS.items():
-        sampler_config = {**config, **choice, "export_dir": str(run / "samples" / name.split()[0])}
-        start = time.perf_counter()
-        export(sampler_config, samplers_of(sampler_config, UNCONDITIONAL, model, (None,)),
-               Unconditional.for_eval(sampler_config, None), Processes(device))
-        print(f"{name}: exported in {time.perf_counter() - start:.0f} s")
-        folders[name] = sampler_config["export_dir"]
+        if args.samplers and name not in args.samplers:
+            continue
+        folders, seconds = {}, []
+        for seed in args.seeds:
+            sampler_config = {**config, **choice, "seed": seed,
+                              "export_dir": str(run / "samples" / name / f"seed{seed}")}
+            folder = Path(sampler_config["export_dir"])
+            exported_before = len(list(folder.glob("*.png"))) if folder.is_dir() else 0
+            start = time.perf_counter()
+            export(sampler_config, samplers_of(sampler_config, UNCONDITIONAL, model, (None,)),
+                   Unconditional.for_eval(sampler_config, None), Processes(device))
+            if exported_before == 0:  # timed only when drawn in one go
+                seconds.append((time.perf_counter() - start) / args.num_samples)
+            folders[seed] = sampler_config["export_dir"]
+        scores = report_scores(config, {f"{name}, seed {seed}": folder for seed, folder in folders.items()})
+        rows[name] = {"fids": [result["fid"] for result in scores.values()],
+                      "seconds_per_image": statistics.mean(seconds) if seconds else None}
     real = run / "samples" / "training-images"
     if not real.is_dir():
         write_training_images(config, real, args.num_samples)
-    folders["training images"] = str(real)
-    return report_scores(config, folders)
+    rows["training images"] = {"fids": [report_scores(config, {"training images": str(real)})["training images"]["fid"]],
+                               "seconds_per_image": None}
+    return rows
 
 
 def main():
@@ -151,6 +167,9 @@ def main():
     parser.add_argument("--num_samples", type=int, default=500)
     parser.add_argument("--img_channels", type=int, choices=[1, 3], default=3, help="FID: of the small model")
     parser.add_argument("--fid_batch_size", type=int, default=250)
+    parser.add_argument("--seeds", type=lambda text: [int(seed) for seed in text.split(",")], default=[0])
+    parser.add_argument("--samplers", type=lambda text: text.split(","), default=None,
+                        help="FID: the rows to run, by name (default: all)")
     args = parser.parse_args()
     device = torch.device(args.device)
     machine = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
@@ -164,10 +183,15 @@ def main():
             print(f"| {name} | {unguided:.3f} | {guided:.3f} | {rows[0][1] / unguided:.1f}x "
                   f"| {rows[0][2] / guided:.1f}x |")
     if args.fid_dir:
-        scores = fid_rows(args, device)
-        print(f"\n| {args.num_samples} images | FID (stand-in features) | IS (stand-in) |\n| --- | --- | --- |")
-        for name, result in scores.items():
-            print(f"| {name} | {result['fid']:.2f} | {result['is']:.2f} ± {result['is_std']:.2f} |")
+        rows = fid_rows(args, device)
+        reference = statistics.mean(rows["DDPM-1000"]["fids"]) if "DDPM-1000" in rows else None
+        print(f"\n| {args.num_samples} images, EMA weights | FID per seed ({', '.join(map(str, args.seeds))}) "
+              f"| mean | vs DDPM-1000 | s/image |\n| --- | --- | --- | --- | --- |")
+        for name, row in rows.items():
+            mean = statistics.mean(row["fids"])
+            versus = f"{100 * (mean / reference - 1):+.0f}%" if reference and name != "DDPM-1000" else "-"
+            speed = f"{row['seconds_per_image']:.4f}" if row["seconds_per_image"] else "-"
+            print(f"| {name} | {' / '.join(f'{fid:.2f}' for fid in row['fids'])} | {mean:.2f} | {versus} | {speed} |")
 
 
 if __name__ == "__main__":

@@ -84,12 +84,13 @@ def exported_files(folder):
 
 
 def test_two_processes_export_the_images_one_process_exports(two_processes):
+    """With DPM-Solver++ (the guided export below: UniPC)."""
     root, images, _ = two_processes
     folders = {}
     for name in ("one", "two"):  # 5 images in batches of 2: process 0 draws 2 batches, process 1 one
         sample = arguments(images, root / "one", state="eval", test_load_weight="ckpt_1_.pt", batch_size=2,
-                           num_samples=5, seed=3, sampled_dir=root / f"eval-{name}",
-                           export_dir=root / f"export-{name}")
+                           num_samples=5, seed=3, sampler="dpmsolver++", sample_steps=4,
+                           sampled_dir=root / f"eval-{name}", export_dir=root / f"export-{name}")
         process = run_or_fail("Main.py", *sample, cwd=root) if name == "one" else torchrun(*sample, cwd=root)
         folders[name] = exported_files(root / f"export-{name}")
     assert process.stderr.count("export (process 0's share: 1/2)") >= 1
@@ -103,7 +104,8 @@ def test_two_processes_export_the_guided_samples_one_process_exports(trained_con
     folders = {}
     for name in ("one", "two"):
         config = {**trained_conditional, "state": "eval", "test_load_weight": "ckpt_0_.pt", "batch_size": 3,
-                  "num_samples": 7, "w": [0., 2.], "seed": 3, "process_frames": 0,
+                  "num_samples": 7, "w": [0., 2.], "seed": 3, "process_frames": 0, "sampler": "unipc",
+                  "sample_steps": 4,
                   "sampled_dir": str(tmp_path / f"eval-{name}"), "export_dir": str(tmp_path / f"export-{name}")}
         if name == "one":
             run_or_fail("MainCondition.py", *as_arguments(config), cwd=tmp_path)

@@ -6,12 +6,15 @@ import pytest
 import torch
 from torch import nn
 
+from PIL import Image
+
 import Main
-from conftest import defaults_of
+from conftest import as_arguments, defaults_of, run_or_fail
 from Diffusion.Machinery.Errors import ConfigError
 from Diffusion.DDIM import DDIMSampler
 from Diffusion.Diffusion import GaussianDiffusionSampler, linear_betas, sampling_timesteps
 from Diffusion.Machinery.Sampling import sampler_of
+from Diffusion.Solvers import SolverSampler, dpm_solver_pp, logsnr_timesteps, unipc
 from DiffusionFreeGuidence import ModelCondition
 from DiffusionFreeGuidence.DiffusionCondition import ClassifierFreeGuidance
 from test_diffusion import BETA_1, BETA_T, KnownEps, schedule
@@ -164,7 +167,8 @@ def test_ddim_inverts_its_samples_back_close_to_x_T():
     assert errors[100] < 0.7 * errors[50]
 
 
-def test_guided_ddim_uses_the_guided_estimate():
+@pytest.mark.parametrize("sampler", ["ddim", "dpmsolver++", "unipc"])
+def test_guided_samplers_use_the_guided_estimate(sampler):
     torch.manual_seed(0)
     model = ModelCondition.UNet(T=10, num_labels=3, ch=32, ch_mult=[1, 2], num_res_blocks=1, dropout=0.).eval()
     w = 2.
@@ -173,11 +177,10 @@ def test_guided_ddim_uses_the_guided_estimate():
         def forward(self, x_t, t, labels):
             return (1 + w) * model(x_t, t, labels) - w * model(x_t, t, torch.zeros_like(labels))
 
-    config = config_of(sampler="ddim", sample_steps=5, eta=0.)
+    config = config_of(sampler=sampler, sample_steps=5, eta=0.)
     x_T, labels = torch.randn(3, 3, 8, 8), torch.tensor([1, 2, 3])
     guided = sampler_of(config, ClassifierFreeGuidance(model, w))
-    by_hand = DDIMSampler(TwoPasses(), BETA_1, BETA_T, 10, timesteps=sampling_timesteps(10, 5))
-    assert isinstance(guided, DDIMSampler)
+    by_hand = sampler_of(config, TwoPasses())
     expected = by_hand(x_T, labels, progress=False)
     torch.testing.assert_close(guided(x_T, labels, progress=False), expected, rtol=1e-4, atol=1e-5)
     unguided = sampler_of(config, ClassifierFreeGuidance(model, 0.))(x_T, labels, progress=False)
@@ -196,6 +199,27 @@ def test_sampler_of_builds_the_configured_sampler(changes, kind, steps):
     sampler = sampler_of(config_of(**changes), KnownEps())
     assert type(sampler) is kind
     assert sampler.timesteps.tolist() == steps
+
+
+@pytest.mark.parametrize("sampler, solver", [("dpmsolver++", dpm_solver_pp), ("unipc", unipc)])
+def test_sampler_of_runs_the_solvers_through_the_samplers_denoise(sampler, solver):
+    """The solver as sampler_of builds it: logSNR timesteps unless skip_type says otherwise, its
+    order, and the same sample as the solver's function given the model's x_0 by hand."""
+    config = config_of(T=1000, sampler=sampler, sample_steps=10, solver_order=3)
+    built = sampler_of(config, KnownEps(scale=0.3))
+    alphas_bar = torch.cumprod(1. - linear_betas(BETA_1, BETA_T, 1000), dim=0)
+    assert isinstance(built, SolverSampler) and built.order == 3
+    assert torch.equal(built.timesteps, logsnr_timesteps(alphas_bar, 10))
+    assert sampler_of({**config, "skip_type": "uniform"}, KnownEps()).timesteps.tolist() == list(range(0, 1000, 100))
+
+    def data_prediction(x, index):
+        t = built.timesteps[index].expand(x.shape[0])
+        a = alphas_bar[t].float().view(-1, 1, 1, 1)
+        return (x - (1 - a).sqrt() * KnownEps(scale=0.3).eps(x, t)) / a.sqrt()
+
+    x_T = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    *_, (_, _, by_hand) = solver(data_prediction, x_T, alphas_bar[built.timesteps], 3)
+    torch.testing.assert_close(built(x_T, progress=False), by_hand.clip(-1., 1.), rtol=1e-5, atol=1e-6)
 
 
 def test_sampler_of_passes_variance_eta_and_clipping():
@@ -224,3 +248,20 @@ def test_out_of_range_sampling_keys_are_refused_before_any_work(tiny_config, cha
         Main.main({**tiny_config, "T": 10, "state": "eval", **changes})
     assert says in str(error.value)
     assert not os.path.exists(tiny_config["sampled_dir"])
+
+
+# --- the solvers from the command line -------------------------------------------------------
+
+
+@pytest.mark.parametrize("script, sampler", [("Main.py", "dpmsolver++"), ("MainCondition.py", "unipc")])
+def test_eval_with_a_solver_writes_the_grids_the_process_and_its_gif(script, sampler, trained_unconditional,
+                                                                      trained_conditional, tmp_path):
+    trained = trained_unconditional if script == "Main.py" else trained_conditional
+    config = {**trained, "state": "eval", "test_load_weight": "ckpt_0_.pt", "batch_size": 6,
+              "sampler": sampler, "sample_steps": 5, "process_frames": 6, "sampled_dir": tmp_path / "samples"}
+    process = run_or_fail(script, *as_arguments(config), cwd=tmp_path)
+    for key in ("sampledNoisyImgName", "sampledImgName", "sampledProcessImgName", "sampledProcessGifName"):
+        assert (tmp_path / "samples" / config[key]).is_file(), key
+    with Image.open(tmp_path / "samples" / config["sampledProcessGifName"]) as gif:
+        assert gif.n_frames == 6  # x_T and the 5 steps
+    assert "Traceback" not in process.stderr

@@ -47,13 +47,14 @@ def test_a_run_whose_loss_stays_non_finite_stops_with_a_sentence(tiny_config, tm
     assert '"skipped_steps": 50' in log[-1]
 
 
-def test_sampling_under_bf16_keeps_x_t_float32_and_close_to_float32_sampling(tiny_config):
+@pytest.mark.parametrize("sampler", ["ddim", "dpmsolver++"])
+def test_sampling_under_bf16_keeps_x_t_float32_and_close_to_float32_sampling(tiny_config, sampler):
     torch.manual_seed(0)
     model = Train.unet_of({**tiny_config, "T": 20}).eval()
     with torch.no_grad():  # weights of a size that makes the network's output matter
         for parameter in model.parameters():
             parameter.add_(torch.randn_like(parameter) * 0.02)
-    config = {**tiny_config, "T": 20, "sampler": "ddim", "sample_steps": 10, "eta": 0.}
+    config = {**tiny_config, "T": 20, "sampler": sampler, "sample_steps": 10, "eta": 0.}
     x_T = torch.randn(4, 3, 16, 16)
     seen = []
     samples = {}

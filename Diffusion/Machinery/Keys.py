@@ -15,7 +15,7 @@ import torch
 from Diffusion.Model import DOWNSAMPLE_PADDINGS
 
 STATES = ("train", "eval", "fid")
-SAMPLERS = ("ddpm", "ddim")
+SAMPLERS = ("ddpm", "ddim", "dpmsolver++", "unipc")
 
 
 @dataclass(frozen=True)
@@ -86,11 +86,18 @@ KEYS = {
     "compile": Key(False, "torch.compile the UNet (faster steps after a slow start)"),
     "channels_last": Key(False, "NHWC memory format for the UNet (faster convolutions on GPUs)"),
     "sampler": Key("ddpm", "ddpm: Algorithm 2 (respaced when sample_steps < T); ddim: DDIM (Song "
-                           "et al. 2021)", SAMPLERS),
-    "sample_steps": Key(None, "network evaluations per sample, out of T (None: all T)", kind=int),
+                           "et al. 2021); dpmsolver++: DPM-Solver++ (Lu et al. 2022); unipc: UniPC "
+                           "(Zhao et al. 2023), the last two at 1000-step quality in 10-25 steps",
+                   SAMPLERS),
+    "sample_steps": Key(None, "network evaluations per sample (NFE), the timesteps visited out of T "
+                              "(None: all T)", kind=int),
     "eta": Key(0., "DDIM's noise: 0 deterministic, 1 as DDPM's posterior variance (ddim only)"),
-    "skip_type": Key("uniform", "which sample_steps timesteps are visited: uniform or quadratic (as "
-                                "DDIM)", ("uniform", "quadratic")),
+    "skip_type": Key(None, "which sample_steps timesteps are visited: uniform or quadratic in t (as "
+                           "DDIM), logSNR: uniform in log(alpha_t / sigma_t) (None: logSNR for "
+                           "dpmsolver++ and unipc, uniform for the others)",
+                     ("uniform", "quadratic", "logSNR"), kind=str),
+    "solver_order": Key(2, "order of dpmsolver++ and unipc: the x_0 of how many steps each step "
+                           "uses (1: DDIM; 2, the default; 3)", (1, 2, 3)),
     "variance": Key("fixedlarge", "sigma_t^2 of ddpm: fixedlarge beta_t (the original) or "
                                   "fixedsmall (the posterior's)", ("fixedlarge", "fixedsmall")),
     "process_frames": Key(10, "columns of the process picture and frames of its GIF, at most "

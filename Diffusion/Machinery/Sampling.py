@@ -1,14 +1,23 @@
 """The sampler a config asks for, for both models: `sampler_of(config, network)`.
 
-    sampler: "ddpm"  Algorithm 2 (Ho et al. 2020) on all T steps, or on sample_steps of them by
-                     respacing the schedule (Nichol & Dhariwal 2021); variance fixedlarge or fixedsmall
-             "ddim"  DDIM (Song et al. 2021) on sample_steps steps, stochasticity eta
-    skip_type:       which sample_steps of the T timesteps are visited: "uniform" or "quadratic"
+    sampler: "ddpm"         Algorithm 2 (Ho et al. 2020) on all T steps, or on sample_steps of
+                            them by respacing the schedule (Nichol & Dhariwal 2021); variance
+                            fixedlarge or fixedsmall
+             "ddim"         DDIM (Song et al. 2021) on sample_steps steps, stochasticity eta
+             "dpmsolver++"  DPM-Solver++ (Lu et al. 2022), multistep, of solver_order
+             "unipc"        UniPC (Zhao et al. 2023), predictor-corrector, of solver_order
+    skip_type:              which sample_steps of the T timesteps are visited: "uniform" or
+                            "quadratic" in t, or "logSNR" (uniform in log(alpha_t / sigma_t));
+                            None: logSNR for the solvers, uniform for the others
+sample_steps is the number of network evaluations (NFE) of a sample.
 """
 import torch
 
 from Diffusion.DDIM import DDIMSampler
-from Diffusion.Diffusion import GaussianDiffusionSampler, sampling_timesteps
+from Diffusion.Diffusion import GaussianDiffusionSampler, linear_betas, sampling_timesteps
+from Diffusion.Solvers import SolverSampler, dpm_solver_pp, logsnr_timesteps, unipc
+
+SOLVERS = {"dpmsolver++": dpm_solver_pp, "unipc": unipc}
 
 
 def steps_of(config):
@@ -16,9 +25,20 @@ def steps_of(config):
     return config["T"] if config["sample_steps"] is None else config["sample_steps"]
 
 
+def skip_type_of(config):
+    """config["skip_type"], or when it is None the sampler's own: logSNR for the ODE solvers,
+    uniform for DDPM and DDIM."""
+    if config["skip_type"] is not None:
+        return config["skip_type"]
+    return "logSNR" if config["sampler"] in SOLVERS else "uniform"
+
+
 def timesteps_of(config):
     """The timesteps the configured sampler visits, long [steps_of(config)]."""
-    return sampling_timesteps(config["T"], steps_of(config), config["skip_type"])
+    if skip_type_of(config) == "logSNR":
+        alphas_bar = torch.cumprod(1. - linear_betas(config["beta_1"], config["beta_T"], config["T"]), dim=0)
+        return logsnr_timesteps(alphas_bar, steps_of(config))
+    return sampling_timesteps(config["T"], steps_of(config), skip_type_of(config))
 
 
 def sampler_of(config, network):
@@ -29,6 +49,9 @@ def sampler_of(config, network):
     if config["sampler"] == "ddim":
         sampler = DDIMSampler(*schedule, timesteps=timesteps_of(config), eta=config["eta"],
                               clip_denoised=config["clip_denoised"])
+    elif config["sampler"] in SOLVERS:
+        sampler = SolverSampler(*schedule, SOLVERS[config["sampler"]], timesteps=timesteps_of(config),
+                                order=config["solver_order"], clip_denoised=config["clip_denoised"])
     else:
         sampler = GaussianDiffusionSampler(*schedule, clip_denoised=config["clip_denoised"],
                                            variance=config["variance"], timesteps=timesteps_of(config))

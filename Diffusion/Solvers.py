@@ -1,0 +1,236 @@
+"""Fast ODE samplers for a model trained by Algorithm 1: DPM-Solver++ (Lu et al. 2022,
+arXiv:2211.01095) and UniPC (Zhao et al. 2023, arXiv:2302.04867), both multistep and both in the
+data prediction x_0 = (x_t - sigma_t eps_theta(x_t, t)) / alpha_t.
+
+The noise schedule, as in Lu et al.'s dpm_solver_pytorch.py, at the S visited timesteps:
+
+    alpha_t = sqrt(abar_t),  sigma_t = sqrt(1 - abar_t),  lambda_t = log(alpha_t / sigma_t)
+
+In lambda the probability-flow ODE is linear in x but for the model, and a step from t to t_next
+(h = lambda_next - lambda_t > 0) solves it exactly but for the integral of x_0 (DPM-Solver++,
+Prop. 4.1):
+
+    x_next = (sigma_next / sigma_t) x_t + sigma_next int_{lambda_t}^{lambda_next} e^lambda x_0(lambda) d lambda
+
+The solvers differ in the polynomial in lambda that stands for x_0 under the integral: the
+present x_0 alone is DDIM (first order), one through the x_0 of the last k steps a k-step method
+(of order k, but see DPM-Solver++(3M); UniPC's corrector adds one), one network evaluation (NFE)
+per step. The last step, from tau_0 to the data (alpha = 1, sigma = 0,
+lambda = +inf, diffusers' final_sigmas_type="zero"), is first order: e^{-h} = 0 there and it
+returns the x_0 predicted at tau_0.
+
+Both samplers are generators that the caller drives; every tensor is [B, C, H, W] in x's dtype,
+every coefficient is computed in float64 and cast when used (0-dim tensors, which torch applies
+to x on any device without a copy, so alphas_bar may stay on the CPU).
+
+`SolverSampler` runs either of them as a Sampler of Diffusion.py over the visited timesteps, so
+both models, the guided estimate, the speed options, the process picture and the export take
+them as they take DDIM.
+"""
+import torch
+
+from Diffusion.Diffusion import Sampler
+
+
+def logsnr_timesteps(alphas_bar, steps):
+    """`steps` timesteps of a schedule of T, long [steps], ascending, uniform in lambda_t: the
+    values evenly spaced from lambda(T-1) to lambda(0), each mapped back to a real t on the
+    piecewise-linear lambda(t) of the discrete schedule and rounded. Where rounding repeats a
+    step (near t = 0, where one step spans more lambda than the spacing), each repeat is moved one
+    past its predecessor, as sampling_timesteps does, and where that would run past T-1 the ones
+    before are held back, so that the result always holds 0 and T-1 (steps == T: every step;
+    steps == 1: T-1 alone). alphas_bar: float64 [T], of the full schedule."""
+    T = len(alphas_bar)
+    if not 1 <= steps <= T:
+        raise ValueError(f"logsnr_timesteps: steps must be between 1 and T = {T} (one network "
+                         f"evaluation per visited timestep), got {steps}")
+    lambda_t = 0.5 * (alphas_bar.log() - torch.log1p(-alphas_bar))  # falls with t
+    fractions = torch.linspace(0., 1., steps, dtype=torch.float64, device=alphas_bar.device)
+    targets = (lambda_t[-1] + (lambda_t[0] - lambda_t[-1]) * fractions).flip(0)  # ascending t
+    t = _inverse_lambda(lambda_t, targets).round().long()
+    offsets = torch.arange(steps, device=alphas_bar.device)
+    return torch.cummax(t - offsets, dim=0).values.clamp(max=T - steps) + offsets
+
+
+def _inverse_lambda(lambda_t, targets):
+    """The real t where the piecewise-linear lambda(t) through lambda_t [T] (falling) meets each
+    of `targets`."""
+    upper = torch.searchsorted(-lambda_t, -targets).clamp(1, len(lambda_t) - 1)
+    lower = upper - 1
+    return lower + (lambda_t[lower] - targets) / (lambda_t[lower] - lambda_t[upper])
+
+
+def _schedule(alphas_bar):
+    """alpha_t, sigma_t, lambda_t, float64 [S + 1], at the points in the order the steps visit
+    them: positions S-1 .. 0 of alphas_bar [S], then the data (1, 0, +inf)."""
+    abar = torch.cat([alphas_bar.double().flip(0), alphas_bar.new_ones(1, dtype=torch.float64)])
+    alpha_t, sigma_t = abar.sqrt(), (1. - abar).sqrt()
+    return alpha_t, sigma_t, alpha_t.log() - sigma_t.log()
+
+
+def _as(coefficient, x):
+    """A float64 coefficient (0-dim) in x's dtype."""
+    return coefficient.to(x.dtype)
+
+
+# DPM-Solver++ (Lu et al. 2022, arXiv:2211.01095), multistep, data prediction.
+
+def dpm_solver_pp(data_prediction, x, alphas_bar, order=2):
+    """DPM-Solver++(kM), k = `order` in 1..3: S steps of one NFE each from x = x_T at position
+    S-1 of alphas_bar (float64 [S], abar at tau_0 < .. < tau_{S-1}) to the data.
+
+    data_prediction(x, index) -> x_0 at visited position `index` (S-1 first, 0 last).
+    Yields (x_t, x_0, x_next) per step, x_0 predicted from x_t; the last x_next is the sample."""
+    schedule, steps = _schedule(alphas_bar), len(alphas_bar)
+    history = []  # (i, x_0) of the last `order` points, the latest last
+    for i in range(steps):
+        x_0 = data_prediction(x, steps - 1 - i)
+        history = (history + [(i, x_0)])[-order:]
+        x_next = _dpm_solver_pp_step(x, history[-_dpm_solver_pp_order(order, i, steps):], schedule)
+        yield x, x_0, x_next
+        x = x_next
+
+
+def _dpm_solver_pp_order(order, i, steps):
+    """The order of step i of `steps`: min(k, i + 1) while the history fills up, 1 on the last
+    step and at most 2 on the one before when steps < 15, as diffusers'
+    DPMSolverMultistepScheduler(lower_order_final=True, final_sigmas_type="zero")."""
+    if i == steps - 1:
+        return 1
+    if i == steps - 2 and steps < 15:
+        return min(order, i + 1, 2)
+    return min(order, i + 1)
+
+
+def _dpm_solver_pp_step(x, points, schedule):
+    """One step from point i (the last of `points`, (i, x_0) each) to i + 1, of the order
+    len(points). With phi_1 = e^{-h} - 1, phi_2 = phi_1 / h + 1, phi_3 = phi_2 / h - 1/2, x_0' and
+    x_0'' the x_0 of the two points before, r_0 = h_0 / h and r_1 = h_1 / h (h_0, h_1 the two
+    steps before, in lambda):
+
+    1 (DDIM):      x_next = (sigma_next / sigma_t) x_t - alpha_next phi_1 x_0
+    2M (Alg. 2):   D = (1 + 1 / (2 r_0)) x_0 - 1 / (2 r_0) x_0'
+                   x_next = (sigma_next / sigma_t) x_t - alpha_next phi_1 D
+    3M:            D1_0 = (x_0 - x_0') / r_0,  D1_1 = (x_0' - x_0'') / r_1
+                   D1 = D1_0 + r_0 / (r_0 + r_1) (D1_0 - D1_1),  D2 = (D1_0 - D1_1) / (r_0 + r_1)
+                   x_next = (sigma_next / sigma_t) x_t - alpha_next (phi_1 x_0 - phi_2 D1 + phi_3 D2)
+
+    3M is not in the paper; it is Lu et al.'s multistep_dpm_solver_third_update (and diffusers',
+    k-diffusion's), the Taylor expansion of Prop. 4.1 with D1 ~ h x_0' and D2 ~ h^2 x_0''/2 from
+    divided differences. There the D2 term has phi_3 where the expansion has 2 phi_3: the step is
+    exact for x_0 linear in lambda but not quadratic, so 3M converges at second order (with a
+    smaller error than 2M; tests/test_solvers.py measures it). It is kept as published, to give
+    the samples of those implementations."""
+    alpha_t, sigma_t, lambda_t = schedule
+    i, x_0 = points[-1]
+    h = lambda_t[i + 1] - lambda_t[i]
+    phi_1 = torch.expm1(-h)
+    x_next = _as(sigma_t[i + 1] / sigma_t[i], x) * x
+    if len(points) == 1:
+        return x_next - _as(alpha_t[i + 1] * phi_1, x) * x_0
+    x_0_1 = points[-2][1]
+    r_0 = (lambda_t[i] - lambda_t[i - 1]) / h
+    if len(points) == 2:
+        return x_next - _as(alpha_t[i + 1] * phi_1, x) * (x_0 + _as(0.5 / r_0, x) * (x_0 - x_0_1))
+    x_0_2 = points[-3][1]
+    r_1 = (lambda_t[i - 1] - lambda_t[i - 2]) / h
+    d1_0, d1_1 = _as(1. / r_0, x) * (x_0 - x_0_1), _as(1. / r_1, x) * (x_0_1 - x_0_2)
+    d1 = d1_0 + _as(r_0 / (r_0 + r_1), x) * (d1_0 - d1_1)
+    d2 = _as(1. / (r_0 + r_1), x) * (d1_0 - d1_1)
+    phi_2 = phi_1 / h + 1.
+    phi_3 = phi_2 / h - 0.5
+    return x_next - _as(alpha_t[i + 1], x) * (_as(phi_1, x) * x_0 - _as(phi_2, x) * d1 + _as(phi_3, x) * d2)
+
+
+# UniPC (Zhao et al. 2023, arXiv:2302.04867), B(h) = e^h - 1 ("bh2"), data prediction.
+
+def unipc(data_prediction, x, alphas_bar, order=2):
+    """UniPC-p, p = `order` in 1..3: S steps of one NFE each from x = x_T at position S-1 of
+    alphas_bar (float64 [S], abar at tau_0 < .. < tau_{S-1}) to the data.
+
+    data_prediction(x, index) -> x_0 at visited position `index` (S-1 first, 0 last).
+    Yields (x_t, x_0, x_next) per step: x_t is the point the model is evaluated at (the last
+    step's x_next), x_0 is predicted from it, and x_next is the predictor's result for the
+    next point.
+
+    Each step first corrects x_t by UniC (Sec. 3.1), with the new x_0 and the step that led to
+    x_t, at that step's order (no extra NFE; not on the first step), then predicts x_next by UniP
+    (Sec. 3.2) from the corrected x_t. The predictor's order is min(p, steps taken + 1, steps
+    left), as diffusers' UniPCMultistepScheduler(lower_order_final=True): 1 on the last step,
+    at most 2 on the one before. Where the corrector acts, the scheme is of order p + 1
+    (Theorem 3.1); the last prediction is not corrected, since no evaluation follows it."""
+    schedule, steps = _schedule(alphas_bar), len(alphas_bar)
+    history = []  # (i, x_0) of the last `order` points, the latest last
+    x_previous, step_order = None, 0  # where the last step started (corrected), and its order
+    for i in range(steps):
+        x_0 = data_prediction(x, steps - 1 - i)
+        x_t = x
+        if i > 0:  # UniC: the last step again, with this x_0 as its newest point (r = 1)
+            others = history[-step_order:-1] + [(i, x_0)]
+            x = _unified_update(x_previous, history[-1], others, i, schedule)
+        history = (history + [(i, x_0)])[-order:]
+        step_order = min(order, i + 1, steps - i)
+        x_next = _unified_update(x, history[-1], history[-step_order:-1], i + 1, schedule)
+        yield x_t, x_0, x_next
+        x_previous, x = x, x_next
+
+
+def _unified_update(x, base, others, target, schedule):
+    """UniP and UniC in one form: from point s (base = (s, x_0)) to point `target`, with the
+    x_0 of `others` ((m, x_0_m) each; earlier points for UniP-p, p - 1 of them; for UniC-p the
+    p - 1 earlier points and then the target itself). In data prediction the step in the
+    paper's h is -h, so B(h) = e^{-h} - 1 = phi_1 here, and with r_m = (lambda_m - lambda_s) / h,
+    D_m = (x_0_m - x_0) / r_m:
+
+        x_next = (sigma_next / sigma_s) x_s - alpha_next (e^{-h} - 1) (x_0 + sum_m rho_m D_m)
+
+    rho solves R rho = g / B(h) (Theorem 3.1, see `_unipc_rho`). UniP-2 (rho = 1/2, r = -r_0)
+    is DPM-Solver++(2M)."""
+    alpha_t, sigma_t, lambda_t = schedule
+    s, x_0 = base
+    h = lambda_t[target] - lambda_t[s]
+    x_0_combined = x_0
+    if others:
+        r = torch.stack([(lambda_t[m] - lambda_t[s]) / h for m, _ in others])
+        rho = _unipc_rho(h, r)
+        for (_, x_0_m), rho_m, r_m in zip(others, rho, r):
+            x_0_combined = x_0_combined + _as(rho_m / r_m, x) * (x_0_m - x_0)
+    x_next = _as(sigma_t[target] / sigma_t[s], x) * x
+    return x_next - _as(alpha_t[target] * torch.expm1(-h), x) * x_0_combined
+
+
+def _unipc_rho(h, r):
+    """rho [n] for the points at r [n]: the solution of the Vandermonde system R rho = g / B(h),
+    R_{k m} = r_m^k (k = 0 .. n-1), g_k = k! (-h) phi_{k+1}(-h) (k = 1 .. n), B(h) = e^{-h} - 1.
+    For n = 1 (UniP-2, UniC-1) rho = 1/2, the system's limit as h -> 0, of the same order and
+    what the authors' code and diffusers use."""
+    n = len(r)
+    if n == 1:
+        return torch.full((1,), 0.5, dtype=torch.float64, device=h.device)
+    hh = -h
+    b_h = torch.expm1(hh)
+    h_phi = b_h / hh - 1.  # (-h) phi_2(-h)
+    g, factorial = [], 1.
+    for k in range(1, n + 1):
+        g.append(h_phi * factorial)
+        factorial *= k + 1
+        h_phi = h_phi / hh - 1. / factorial  # (-h) phi_{k+2}(-h)
+    vandermonde = torch.stack([r ** k for k in range(n)])
+    return torch.linalg.solve_ex(vandermonde, torch.stack(g) / b_h).result
+
+
+class SolverSampler(Sampler):
+    """`solver` (dpm_solver_pp or unipc) of `order` over `timesteps` (see
+    Diffusion.sampling_timesteps and logsnr_timesteps): one network evaluation per visited
+    timestep, through Sampler.denoise (so clip_denoised clips each predicted x_0)."""
+
+    def __init__(self, model, beta_1, beta_T, T, solver, timesteps=None, order=2, clip_denoised=False):
+        super().__init__(model, beta_1, beta_T, T, timesteps, clip_denoised)
+        self.solver, self.order = solver, order
+        self.solver_alphas_bar = self.alphas_bar.clone()  # not a buffer: stays on the CPU
+
+    def reverse_steps(self, x_T, *condition):
+        def data_prediction(x, index):
+            i = torch.full((x.shape[0],), index, dtype=torch.long, device=x.device)
+            return self.denoise(x, i, *condition)[1]
+        return self.solver(data_prediction, x_T, self.solver_alphas_bar, self.order)
