@@ -14,6 +14,7 @@ import torch
 from tqdm import tqdm
 
 from Diffusion.Diffusion import Sampler, extract
+from Diffusion.Schedule import eps_and_x0
 
 
 class DDIMSampler(Sampler):
@@ -21,8 +22,8 @@ class DDIMSampler(Sampler):
     clip_denoised: the predicted x_0 is clipped to [-1, 1], and the eps used for the direction
     to x_t is the one that clipped x_0 implies."""
 
-    def __init__(self, model, beta_1, beta_T, T, timesteps=None, eta=0., clip_denoised=False):
-        super().__init__(model, beta_1, beta_T, T, timesteps, clip_denoised)
+    def __init__(self, model, beta_1, beta_T, T, timesteps=None, eta=0., clip_denoised=False, **diffusion):
+        super().__init__(model, beta_1, beta_T, T, timesteps, clip_denoised, **diffusion)
         self.eta = eta
         alphas_bar, alphas_bar_prev = self.alphas_bar, self.alphas_bar_prev
         sigmas = eta * ((1. - alphas_bar_prev) / (1. - alphas_bar) * (1. - alphas_bar / alphas_bar_prev)).sqrt()
@@ -50,9 +51,9 @@ class DDIMSampler(Sampler):
                           dynamic_ncols=True):
             i = torch.full((x_0.shape[0],), index, dtype=torch.long, device=x_0.device)
             # x sits at abar_{tau_{i-1}}; eps and x_0 as a step down from tau_i would see them
-            eps = self.model(x, self.timesteps[i], *condition)
+            alpha, sigma = extract(self.sqrt_alphas_bar, i, x.shape), extract(self.sqrt_one_minus_alphas_bar, i, x.shape)
+            eps, _ = eps_and_x0(self.prediction, self.model(x, self.timesteps[i], *condition), x, alpha, sigma)
             x_0_predicted = (x - (1. - extract(self.alphas_bar_prev, i, x.shape)).sqrt() * eps) \
                 / extract(self.sqrt_alphas_bar_prev, i, x.shape)
-            x = (extract(self.alphas_bar, i, x.shape).sqrt() * x_0_predicted
-                 + (1. - extract(self.alphas_bar, i, x.shape)).sqrt() * eps)
+            x = alpha * x_0_predicted + sigma * eps
         return x

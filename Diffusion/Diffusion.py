@@ -7,22 +7,23 @@ abar_t = prod_{s<=t} alpha_s. Timesteps are 0-based here: index t = 0..T-1 is th
 t = 1..T. The schedule is computed in float64 and each coefficient is cast to float32 when
 used, as the original.
 """
-import math
-
 import torch
 from torch import nn
 from torch.nn import functional as F
 from tqdm import tqdm
 
 from Diffusion.Machinery.Randomness import GlobalBatchRandomness
+from Diffusion.Schedule import (  # noqa: F401 (linear_betas, sampling_timesteps: this module's before)
+    betas_of,
+    eps_and_x0,
+    linear_betas,
+    min_snr_weight,
+    respaced_betas,
+    sampling_timesteps,
+    target_of,
+)
 
 SINGLE_PROCESS = GlobalBatchRandomness()  # draws from torch's global generator
-
-
-def linear_betas(beta_1, beta_T, T):
-    """The paper's linear schedule beta_1 .. beta_T, float64 [T]. Spaced in float32 first, as the
-    original, so that every coefficient is the original's to the last bit."""
-    return torch.linspace(beta_1, beta_T, T).double()
 
 
 def extract(v, t, x_shape):
@@ -31,16 +32,24 @@ def extract(v, t, x_shape):
 
 
 class GaussianDiffusionTrainer(nn.Module):
-    """Algorithm 1: the noise-prediction loss || eps - eps_theta(x_t, t) ||^2."""
+    """Algorithm 1: the noise-prediction loss || eps - eps_theta(x_t, t) ||^2.
 
-    def __init__(self, model, beta_1, beta_T, T):
+    The follow-ups' options (Schedule.py): beta_schedule "cosine" (Nichol & Dhariwal Eq. 17);
+    prediction "x0" or "v", the network trained to output x_0 or v = alpha_t eps - sigma_t x_0
+    instead of eps; loss_weight "min_snr", each image's error weighted by Min-SNR-gamma with
+    snr_gamma (Hang et al. 2023). The defaults are the paper's."""
+
+    def __init__(self, model, beta_1, beta_T, T, beta_schedule="linear", prediction="eps",
+                 loss_weight="none", snr_gamma=5.):
         super().__init__()
         self.model = model
         self.T = T
-        self.register_buffer("betas", linear_betas(beta_1, beta_T, T))
+        self.prediction, self.loss_weight, self.snr_gamma = prediction, loss_weight, snr_gamma
+        self.register_buffer("betas", betas_of(beta_schedule, beta_1, beta_T, T))
         alphas_bar = torch.cumprod(1. - self.betas, dim=0)
         self.register_buffer("sqrt_alphas_bar", alphas_bar.sqrt())
         self.register_buffer("sqrt_one_minus_alphas_bar", (1. - alphas_bar).sqrt())
+        self.register_buffer("snr", alphas_bar / (1. - alphas_bar))
 
     def forward(self, x_0, *condition, randomness=SINGLE_PROCESS):
         """x_0 [B, C, H, W] in [-1, 1] -> per-element squared error [B, C, H, W] at a random
@@ -52,81 +61,54 @@ class GaussianDiffusionTrainer(nn.Module):
         return self.noise_prediction_error(x_0, t, noise, *condition)
 
     def noise_prediction_error(self, x_0, t, noise, *condition):
-        """(eps - eps_theta(sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, t))^2, not reduced."""
-        x_t = (extract(self.sqrt_alphas_bar, t, x_0.shape) * x_0
-               + extract(self.sqrt_one_minus_alphas_bar, t, x_0.shape) * noise)
-        return F.mse_loss(self.model(x_t, t, *condition), noise, reduction="none")
-
-
-def sampling_timesteps(T, steps, skip_type="uniform"):
-    """The timesteps tau_0 < ... < tau_{S-1} that a sampler visits (0-based), long [S], as the DDIM
-    paper chooses them (Song et al. 2021, Sec. 4.2 and Appendix D.2):
-
-        uniform:    tau_i = floor(i T / S)                          (every T/S-th step)
-        quadratic:  tau_i = floor(c i^2), the last one floor(0.8 T)   (denser near the data)
-
-    for i = 0 .. S-1. Where the quadratic rule repeats a step (S > sqrt(0.8 T) + 1), each repeat
-    is moved one past its predecessor, so that every one of the S network evaluations counts.
-    steps == T with "uniform" is every step 0 .. T-1, the original's Algorithm 2.
-    """
-    if skip_type == "uniform":
-        return torch.arange(steps, dtype=torch.float64).mul(T / steps).floor().long()
-    quadratic = torch.linspace(0., math.sqrt(0.8 * T), steps, dtype=torch.float64).square().long()
-    offsets = torch.arange(steps)
-    return torch.cummax(quadratic - offsets, dim=0).values + offsets
-
-
-def respaced_betas(betas, timesteps):
-    """The betas of the shorter diffusion that visits only `timesteps` (Nichol & Dhariwal 2021,
-    Sec. 4): beta_i = 1 - abar_{tau_i} / abar_{tau_{i-1}}, so that its alphas_bar are those of the
-    full schedule at tau. float64 [S]. Every step visited: `betas` itself, to the last bit."""
-    if len(timesteps) == len(betas):
-        return betas
-    alphas_bar = torch.cumprod(1. - betas, dim=0)[timesteps]
-    return 1. - alphas_bar / F.pad(alphas_bar, [1, 0], value=1.)[:-1]
+        """(eps - eps_theta(sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, t))^2, not reduced (with
+        another prediction, its target in place of eps; with min_snr, times its weight)."""
+        alpha, sigma = extract(self.sqrt_alphas_bar, t, x_0.shape), extract(self.sqrt_one_minus_alphas_bar, t, x_0.shape)
+        x_t = alpha * x_0 + sigma * noise
+        target = target_of(self.prediction, x_0, noise, alpha, sigma)
+        error = F.mse_loss(self.model(x_t, t, *condition), target, reduction="none")
+        if self.loss_weight == "min_snr":
+            error = error * min_snr_weight(self.prediction, extract(self.snr, t, x_0.shape), self.snr_gamma)
+        return error
 
 
 class Sampler(nn.Module):
     """What every sampler shares: the reverse process from x_T ~ N(0, I) to x_0 over `timesteps`
-    (default: all T), last to first.
+    (default: all T), last to first, for a network trained with `beta_schedule` and
+    `prediction` (Schedule.py; the paper's: linear, eps).
 
-    The network runs in exactly one place, `denoise`; the guided model plugs in there (as the
-    model), and so do the speed options. Coefficient tensors are indexed by i, the position in
-    `timesteps` (equal to t when every step is taken). A sampler either defines `step` (one step
-    at a time) or replaces `reverse_steps` (a multistep solver that keeps its history).
+    Sampling runs the network in exactly one place, `denoise`; the guided model plugs in there
+    (as the model), and so do the speed options. Coefficient tensors are indexed by i, the
+    position in `timesteps` (equal to t when every step is taken). A sampler either defines
+    `step` (one step at a time) or replaces `reverse_steps` (a multistep solver that keeps its
+    history).
     """
 
-    def __init__(self, model, beta_1, beta_T, T, timesteps=None, clip_denoised=False):
+    def __init__(self, model, beta_1, beta_T, T, timesteps=None, clip_denoised=False,
+                 beta_schedule="linear", prediction="eps"):
         super().__init__()
         self.model = model
         self.T = T
-        self.clip_denoised = clip_denoised
+        self.clip_denoised, self.prediction = clip_denoised, prediction
         self.register_buffer("timesteps", torch.arange(T) if timesteps is None else torch.as_tensor(timesteps))
-        self.register_buffer("betas", respaced_betas(linear_betas(beta_1, beta_T, T), self.timesteps))
+        self.register_buffer("betas", respaced_betas(betas_of(beta_schedule, beta_1, beta_T, T), self.timesteps))
         alphas_bar = torch.cumprod(1. - self.betas, dim=0)
         self.register_buffer("alphas_bar", alphas_bar)
         self.register_buffer("alphas_bar_prev", F.pad(alphas_bar, [1, 0], value=1.)[:-1])
-        self.register_buffer("sqrt_recip_alphas_bar", (1. / alphas_bar).sqrt())
-        self.register_buffer("sqrt_recipm1_alphas_bar", (1. / alphas_bar - 1.).sqrt())
-
-    def predict_x0(self, x_t, i, eps):
-        """x_0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t), Eq. 4 solved for x_0 (DDIM Eq. 9).
-        [B, C, H, W]."""
-        return (extract(self.sqrt_recip_alphas_bar, i, x_t.shape) * x_t
-                - extract(self.sqrt_recipm1_alphas_bar, i, x_t.shape) * eps)
+        self.register_buffer("sqrt_alphas_bar", alphas_bar.sqrt())
+        self.register_buffer("sqrt_one_minus_alphas_bar", (1. - alphas_bar).sqrt())
 
     def denoise(self, x_t, i, *condition):
-        """eps_theta(x_t, t) at t = timesteps[i] and the x_0 predicted from it, both [B, C, H, W];
-        i [B]: positions in `timesteps`. With clip_denoised, x_0 is clipped to [-1, 1] and eps is
-        the one that the clipped x_0 implies (Eq. 9 solved for eps)."""
-        eps = self.model(x_t, self.timesteps[i], *condition)
-        x_0 = self.predict_x0(x_t, i, eps)
+        """eps_theta(x_t, t) at t = timesteps[i] and the x_0 predicted from it, both [B, C, H, W]
+        (x_0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t), Eq. 4 solved for x_0, DDIM Eq. 9);
+        i [B]: positions in `timesteps`. The network's output is read as the prediction it was
+        trained for (Schedule.eps_and_x0). With clip_denoised, x_0 is clipped to [-1, 1] and eps
+        is the one that the clipped x_0 implies."""
+        alpha, sigma = extract(self.sqrt_alphas_bar, i, x_t.shape), extract(self.sqrt_one_minus_alphas_bar, i, x_t.shape)
+        eps, x_0 = eps_and_x0(self.prediction, self.model(x_t, self.timesteps[i], *condition), x_t, alpha, sigma)
         if not self.clip_denoised:
             return eps, x_0
-        x_0 = x_0.clamp(-1., 1.)
-        eps = ((extract(self.sqrt_recip_alphas_bar, i, x_t.shape) * x_t - x_0)
-               / extract(self.sqrt_recipm1_alphas_bar, i, x_t.shape))
-        return eps, x_0
+        return eps_and_x0("x0", x_0.clamp(-1., 1.), x_t, alpha, sigma)
 
     def step(self, x_t, i, *condition, last):
         """One reverse step from x_t at positions i [B]: (x_{t-1}, predicted x_0). `last`: the
@@ -176,8 +158,8 @@ class GaussianDiffusionSampler(Sampler):
     """
 
     def __init__(self, model, beta_1, beta_T, T, clip_denoised=False, variance="fixedlarge",
-                 timesteps=None):
-        super().__init__(model, beta_1, beta_T, T, timesteps, clip_denoised)
+                 timesteps=None, **diffusion):
+        super().__init__(model, beta_1, beta_T, T, timesteps, clip_denoised, **diffusion)
         betas, alphas_bar, alphas_bar_prev = self.betas, self.alphas_bar, self.alphas_bar_prev
         alphas = 1. - betas
         self.register_buffer("coeff1", (1. / alphas).sqrt())

@@ -32,34 +32,6 @@ import torch
 from Diffusion.Diffusion import Sampler
 
 
-def logsnr_timesteps(alphas_bar, steps):
-    """`steps` timesteps of a schedule of T, long [steps], ascending, uniform in lambda_t: the
-    values evenly spaced from lambda(T-1) to lambda(0), each mapped back to a real t on the
-    piecewise-linear lambda(t) of the discrete schedule and rounded. Where rounding repeats a
-    step (near t = 0, where one step spans more lambda than the spacing), each repeat is moved one
-    past its predecessor, as sampling_timesteps does, and where that would run past T-1 the ones
-    before are held back, so that the result always holds 0 and T-1 (steps == T: every step;
-    steps == 1: T-1 alone). alphas_bar: float64 [T], of the full schedule."""
-    T = len(alphas_bar)
-    if not 1 <= steps <= T:
-        raise ValueError(f"logsnr_timesteps: steps must be between 1 and T = {T} (one network "
-                         f"evaluation per visited timestep), got {steps}")
-    lambda_t = 0.5 * (alphas_bar.log() - torch.log1p(-alphas_bar))  # falls with t
-    fractions = torch.linspace(0., 1., steps, dtype=torch.float64, device=alphas_bar.device)
-    targets = (lambda_t[-1] + (lambda_t[0] - lambda_t[-1]) * fractions).flip(0)  # ascending t
-    t = _inverse_lambda(lambda_t, targets).round().long()
-    offsets = torch.arange(steps, device=alphas_bar.device)
-    return torch.cummax(t - offsets, dim=0).values.clamp(max=T - steps) + offsets
-
-
-def _inverse_lambda(lambda_t, targets):
-    """The real t where the piecewise-linear lambda(t) through lambda_t [T] (falling) meets each
-    of `targets`."""
-    upper = torch.searchsorted(-lambda_t, -targets).clamp(1, len(lambda_t) - 1)
-    lower = upper - 1
-    return lower + (lambda_t[lower] - targets) / (lambda_t[lower] - lambda_t[upper])
-
-
 def _schedule(alphas_bar):
     """alpha_t, sigma_t, lambda_t, float64 [S + 1], at the points in the order the steps visit
     them: positions S-1 .. 0 of alphas_bar [S], then the data (1, 0, +inf)."""
@@ -222,10 +194,12 @@ def _unipc_rho(h, r):
 class SolverSampler(Sampler):
     """`solver` (dpm_solver_pp or unipc) of `order` over `timesteps` (see
     Diffusion.sampling_timesteps and logsnr_timesteps): one network evaluation per visited
-    timestep, through Sampler.denoise (so clip_denoised clips each predicted x_0)."""
+    timestep, through Sampler.denoise (so clip_denoised clips each predicted x_0). logsnr_timesteps
+    (Schedule.py) spaces them as Lu et al. do for low-resolution images."""
 
-    def __init__(self, model, beta_1, beta_T, T, solver, timesteps=None, order=2, clip_denoised=False):
-        super().__init__(model, beta_1, beta_T, T, timesteps, clip_denoised)
+    def __init__(self, model, beta_1, beta_T, T, solver, timesteps=None, order=2, clip_denoised=False,
+                 **diffusion):
+        super().__init__(model, beta_1, beta_T, T, timesteps, clip_denoised, **diffusion)
         self.solver, self.order = solver, order
         self.solver_alphas_bar = self.alphas_bar.clone()  # not a buffer: stays on the CPU
 

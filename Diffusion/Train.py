@@ -13,6 +13,7 @@ from torch.optim.lr_scheduler import CosineAnnealingLR
 
 from Diffusion.Diffusion import GaussianDiffusionTrainer
 from Diffusion.EMA import EMA
+from Diffusion.Machinery.Checkpoint import diffusion_of
 from Diffusion.Machinery.Config import complete
 from Diffusion.Machinery.Data import training_dataset, training_loader
 from Diffusion.Machinery.Evaluation import Unconditional, evaluate, preview_of
@@ -67,7 +68,7 @@ def fit(config, pieces):
     """The training recipe of both models, on config["dataset"] (under torchrun, one process per
     GPU, each with batch_size images of the global batch); the run continues where it stopped
     with training_load_weight "last"."""
-    warn_if_x_T_keeps_the_image(config["beta_1"], config["beta_T"], config["T"])
+    warn_if_x_T_keeps_the_image(config["beta_1"], config["beta_T"], config["T"], config["beta_schedule"])
     folder = config[pieces.folder_key]
     continuing = (f": the training state saved last is intact in {folder}; continue with the same "
                   f"torchrun command and --training_load_weight last")
@@ -91,10 +92,11 @@ def fit(config, pieces):
                           save_every=config["save_every"], keep_last=config["keep_last"],
                           save_state_minutes=config["save_state_minutes"], log_every=config["log_every"],
                           sample_every=config["sample_every"])
-        run.start(config["training_load_weight"], config["seed"], config["overwrite"], dataset.classes,
-                  preview=preview_of(config, pieces, len(dataset.classes)))
+        run.start(config["training_load_weight"], config["seed"], config["overwrite"], diffusion_of(config),
+                  dataset.classes, preview=preview_of(config, pieces, len(dataset.classes)))
         trainer = GaussianDiffusionTrainer(compiled(for_training(model, processes), config["compile"]),
-                                           config["beta_1"], config["beta_T"], config["T"]).to(device)
+                                           config["beta_1"], config["beta_T"], config["T"], config["beta_schedule"],
+                                           config["prediction"], config["loss_weight"], config["snr_gamma"]).to(device)
         randomness = GlobalBatchRandomness(state.generator, processes.rank, processes.world_size)
         loss_of_batch = pieces.loss(config)
         sampler = EpochSampler(dataset, processes, state.seed)

@@ -14,7 +14,8 @@ from Diffusion.Machinery.Errors import ConfigError
 from Diffusion.DDIM import DDIMSampler
 from Diffusion.Diffusion import GaussianDiffusionSampler, linear_betas, sampling_timesteps
 from Diffusion.Machinery.Sampling import sampler_of
-from Diffusion.Solvers import SolverSampler, dpm_solver_pp, logsnr_timesteps, unipc
+from Diffusion.Schedule import eps_and_x0, logsnr_timesteps
+from Diffusion.Solvers import SolverSampler, dpm_solver_pp, unipc
 from DiffusionFreeGuidence import ModelCondition
 from DiffusionFreeGuidence.DiffusionCondition import ClassifierFreeGuidance
 from test_diffusion import BETA_1, BETA_T, KnownEps, schedule
@@ -108,7 +109,8 @@ def test_ddim_with_eta_1_and_every_step_follows_the_ddpm_posterior():
     eps = model.eps(x_T, ddpm.timesteps[i])
 
     mean, var = ddpm.p_mean_variance(x_T, i)
-    ddim_mean = (ddim.sqrt_alphas_bar_prev[6] * ddim.predict_x0(x_T, i, eps)
+    _, x_0 = eps_and_x0("eps", eps, x_T, ddim.sqrt_alphas_bar[6].float(), ddim.sqrt_one_minus_alphas_bar[6].float())
+    ddim_mean = (ddim.sqrt_alphas_bar_prev[6] * x_0
                  + ddim.direction_coef[6] * eps).float()
     torch.testing.assert_close(ddim_mean, mean, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(ddim.sigmas[1:] ** 2, ddpm.sample_var[1:], rtol=1e-10, atol=1e-30)

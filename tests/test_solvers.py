@@ -9,8 +9,8 @@ import torch
 from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler
 from torch import nn
 
-from Diffusion.Diffusion import linear_betas, sampling_timesteps
-from Diffusion.Solvers import dpm_solver_pp, logsnr_timesteps, unipc
+from Diffusion.Schedule import linear_betas, logsnr_timesteps, sampling_timesteps
+from Diffusion.Solvers import dpm_solver_pp, unipc
 
 T = 1000
 BETAS = linear_betas(1e-4, 0.02, T)  # the repo's schedule, float64

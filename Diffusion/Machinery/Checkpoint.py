@@ -103,6 +103,29 @@ def read_run_info(folder):
     return info if isinstance(info, dict) else {}
 
 
+# What a checkpoint's outputs mean: a model trained with one of these is read wrongly under
+# another (a v-model sampled as eps gives noise). A checkpoint without a record is the original's.
+DIFFUSION_KEYS = {"beta_schedule": "linear", "prediction": "eps"}
+
+
+def diffusion_of(config):
+    """The DIFFUSION_KEYS of config, as run.json records them."""
+    return {key: config[key] for key in DIFFUSION_KEYS}
+
+
+def check_trained_as_configured(folder, config):
+    """Refuse a config whose beta_schedule or prediction differ from those the run in `folder`
+    was trained with (run.json; without a record, the original's: linear and eps)."""
+    recorded = read_run_info(folder)
+    for key, original in DIFFUSION_KEYS.items():
+        trained = recorded.get(key, original)
+        if config[key] != trained:
+            raise ConfigError(f"the checkpoints in {folder!r} were trained with {key} {trained!r} "
+                              f"({RUN_INFO if key in recorded else 'no record: the original'}'s), but "
+                              f"the config has {key} {config[key]!r}, under which the model's outputs "
+                              f"mean something else: set --{key} {trained}.")
+
+
 def class_names(folder, num_labels, dataset):
     """The names of a conditional checkpoint's `num_labels` classes: those its run wrote to
     run.json; for a checkpoint without them (the original's), CIFAR-10's names when it has 10

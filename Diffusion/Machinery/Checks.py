@@ -179,7 +179,7 @@ def schedule_and_probabilities(config):
     for key in ("dropout", "p_uncond"):
         if key in config and not 0 <= config[key] <= 1:
             return f"{key} is a probability between 0 and 1, not {config[key]}."
-    for key in ("lr", "multiplier", "grad_clip", "group_norm_eps"):
+    for key in ("lr", "multiplier", "grad_clip", "group_norm_eps", "snr_gamma"):
         if key in config and not (config[key] > 0 and math.isfinite(config[key])):
             return f"{key} must be a positive number, not {config[key]}."
 

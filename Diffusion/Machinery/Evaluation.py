@@ -11,7 +11,7 @@ import torch
 from torchvision.utils import make_grid
 from tqdm import tqdm
 
-from Diffusion.Machinery.Checkpoint import load_into, num_labels_of
+from Diffusion.Machinery.Checkpoint import check_trained_as_configured, load_into, num_labels_of
 from Diffusion.Machinery.DenoisingProcess import ProcessRecorder, frames_of, save_process_gif, save_process_picture
 from Diffusion.Machinery.Export import export_samples
 from Diffusion.Machinery.Images import save_grid, starting_noise
@@ -71,6 +71,7 @@ def trained_model(config, pieces, device):
     is false; its classes read from the checkpoint), on `device`, in eval mode, and the number
     of its classes (None: unconditional)."""
     folder, name = config[pieces.folder_key], config["test_load_weight"]
+    check_trained_as_configured(folder, config)
     state_dict = weights_to_sample(folder, name, config["use_ema"], device)
     num_labels = num_labels_of(state_dict)
     # An unconditional checkpoint has no class table; it fails to load into the conditional
@@ -100,7 +101,7 @@ def evaluate(config, pieces):
     """State eval: from test_load_weight, the grid of starting noise, the grid of samples (one
     per guidance weight, side by side, from the same noise), the denoising process, and
     num_samples exported images (under torchrun, each process its share)."""
-    warn_if_x_T_keeps_the_image(config["beta_1"], config["beta_T"], config["T"])
+    warn_if_x_T_keeps_the_image(config["beta_1"], config["beta_T"], config["T"], config["beta_schedule"])
     with torchrun_processes(config["device"], if_lost=export_kept(config)) as processes:
         config = processes.on_its_device(config)
         if config["seed"] is not None:

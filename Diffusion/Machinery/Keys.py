@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from Diffusion.Model import DOWNSAMPLE_PADDINGS
+from Diffusion.Schedule import BETA_SCHEDULES, PREDICTIONS
 
 STATES = ("train", "eval", "fid")
 SAMPLERS = ("ddpm", "ddim", "dpmsolver++", "unipc")
@@ -67,6 +68,13 @@ KEYS = {
                       kind=int),
     "seed": Key(None, "random seed (None: a different run each time)", kind=int),
     "clip_denoised": Key(False, "clip the predicted x_0 to [-1, 1] at every sampling step"),
+    "beta_schedule": Key("linear", "the noise schedule: linear beta_1 .. beta_T (the paper's) or cosine "
+                                   "(Nichol & Dhariwal Eq. 17, no beta_1, beta_T)", BETA_SCHEDULES),
+    "prediction": Key("eps", "what the UNet outputs: eps (the paper's), x0, or v = sqrt(abar) eps - "
+                             "sqrt(1 - abar) x_0 (Salimans & Ho 2022)", PREDICTIONS),
+    "loss_weight": Key("none", "none: L_simple (the paper's); min_snr: each image's error weighted by "
+                               "Min-SNR-gamma (Hang et al. 2023)", ("none", "min_snr")),
+    "snr_gamma": Key(5., "gamma of min_snr: the SNR above which timesteps weigh no more"),
     "ema_decay": Key(0.9999, "decay of the exponential moving average of the weights (0: no EMA); "
                              "snapshots hold the EMA weights"),
     "use_ema": Key(True, "eval samples from the EMA weights (false: the raw weights of "

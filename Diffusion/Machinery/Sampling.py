@@ -14,8 +14,9 @@ sample_steps is the number of network evaluations (NFE) of a sample.
 import torch
 
 from Diffusion.DDIM import DDIMSampler
-from Diffusion.Diffusion import GaussianDiffusionSampler, linear_betas, sampling_timesteps
-from Diffusion.Solvers import SolverSampler, dpm_solver_pp, logsnr_timesteps, unipc
+from Diffusion.Diffusion import GaussianDiffusionSampler
+from Diffusion.Schedule import betas_of, logsnr_timesteps, sampling_timesteps
+from Diffusion.Solvers import SolverSampler, dpm_solver_pp, unipc
 
 SOLVERS = {"dpmsolver++": dpm_solver_pp, "unipc": unipc}
 
@@ -36,7 +37,8 @@ def skip_type_of(config):
 def timesteps_of(config):
     """The timesteps the configured sampler visits, long [steps_of(config)]."""
     if skip_type_of(config) == "logSNR":
-        alphas_bar = torch.cumprod(1. - linear_betas(config["beta_1"], config["beta_T"], config["T"]), dim=0)
+        betas = betas_of(config["beta_schedule"], config["beta_1"], config["beta_T"], config["T"])
+        alphas_bar = torch.cumprod(1. - betas, dim=0)
         return logsnr_timesteps(alphas_bar, steps_of(config))
     return sampling_timesteps(config["T"], steps_of(config), skip_type_of(config))
 
@@ -46,13 +48,12 @@ def sampler_of(config, network):
     conditional one, under the speed options), on config["device"]:
     `sampler(x_T, *condition) -> x_0`."""
     schedule = (network, config["beta_1"], config["beta_T"], config["T"])
+    options = {"timesteps": timesteps_of(config), "clip_denoised": config["clip_denoised"],
+               "beta_schedule": config["beta_schedule"], "prediction": config["prediction"]}
     if config["sampler"] == "ddim":
-        sampler = DDIMSampler(*schedule, timesteps=timesteps_of(config), eta=config["eta"],
-                              clip_denoised=config["clip_denoised"])
+        sampler = DDIMSampler(*schedule, eta=config["eta"], **options)
     elif config["sampler"] in SOLVERS:
-        sampler = SolverSampler(*schedule, SOLVERS[config["sampler"]], timesteps=timesteps_of(config),
-                                order=config["solver_order"], clip_denoised=config["clip_denoised"])
+        sampler = SolverSampler(*schedule, SOLVERS[config["sampler"]], order=config["solver_order"], **options)
     else:
-        sampler = GaussianDiffusionSampler(*schedule, clip_denoised=config["clip_denoised"],
-                                           variance=config["variance"], timesteps=timesteps_of(config))
+        sampler = GaussianDiffusionSampler(*schedule, variance=config["variance"], **options)
     return sampler.to(torch.device(config["device"]))

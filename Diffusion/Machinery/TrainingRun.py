@@ -9,7 +9,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from Diffusion.Machinery.Checkpoint import write_run_info
+from Diffusion.Machinery.Checkpoint import check_trained_as_configured, write_run_info
 from Diffusion.Machinery.Errors import TrainingDiverged
 from Diffusion.Machinery.Interrupt import TrainingStopped
 from Diffusion.Machinery.Processes import any_process, assert_identical_weights
@@ -37,14 +37,18 @@ class TrainingRun:
         self.log = self.progress = self.preview = self.bar = None
         self.last_save = time.monotonic()
 
-    def start(self, training_load_weight, seed, overwrite, classes, preview):
-        """Begin or continue the run (TrainingState.start), record the class names in run.json
-        and say what the run will write. preview(model) -> (images [N, C, H, W], images per
-        row): the samples drawn every sample_every epochs."""
+    def start(self, training_load_weight, seed, overwrite, diffusion, classes, preview):
+        """Begin or continue the run (TrainingState.start; a continued run keeps the
+        beta_schedule and prediction it was trained with), record them, the class names and the
+        weights the snapshots hold in run.json, and say what the run will write. diffusion:
+        {beta_schedule, prediction}; preview(model) -> (images [N, C, H, W], images per row):
+        the samples drawn every sample_every epochs."""
         state = self.state
+        if training_load_weight is not None:
+            check_trained_as_configured(self.folder, diffusion)
         start(state, self.folder, self.folder_key, training_load_weight, seed, overwrite)
         if self.processes.is_main:
-            write_run_info(self.folder, snapshot_weights="ema" if state.ema else "raw",
+            write_run_info(self.folder, snapshot_weights="ema" if state.ema else "raw", **diffusion,
                            **({"classes": list(classes)} if classes else {}))
             weights_mb = megabytes(state.model.state_dict())  # the state: weights, EMA, AdamW's 2 moments
             tqdm.write(disk_plan(self.folder, state.epoch, self.epochs, self.save_every, self.keep_last,

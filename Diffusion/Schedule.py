@@ -1,0 +1,140 @@
+"""The noise schedule and what the network predicts.
+
+The forward process (DDPM Eq. 4) is x_t = alpha_t x_0 + sigma_t eps with alpha_t = sqrt(abar_t),
+sigma_t = sqrt(1 - abar_t), abar_t = prod_{s<=t} (1 - beta_s), and SNR(t) = alpha_t^2 / sigma_t^2.
+The betas are the paper's linear schedule or the cosine schedule of Nichol & Dhariwal 2021; a
+sampler visits some of the T timesteps (uniform, quadratic or uniform in log-SNR). The network
+predicts eps (the paper's), x_0, or v = alpha_t eps - sigma_t x_0 (Salimans & Ho 2022), and its
+loss may be weighted by min(SNR, gamma) (Hang et al. 2023). Every tensor of a schedule is float64
+[T] (or [S]); timesteps are 0-based.
+"""
+import math
+
+import torch
+from torch.nn import functional as F
+
+BETA_SCHEDULES = ("linear", "cosine")
+PREDICTIONS = ("eps", "x0", "v")
+COSINE_OFFSET = 0.008  # s of Nichol & Dhariwal Eq. 17
+LARGEST_BETA = 0.999  # their clip, which keeps the cosine schedule's last steps finite
+
+
+def linear_betas(beta_1, beta_T, T):
+    """The paper's linear schedule beta_1 .. beta_T, float64 [T]. Spaced in float32 first, as the
+    original, so that every coefficient is the original's to the last bit."""
+    return torch.linspace(beta_1, beta_T, T).double()
+
+
+def cosine_alphas_bar(t, T, s=COSINE_OFFSET):
+    """Nichol & Dhariwal Eq. 17: abar(t) = f(t) / f(0), f(t) = cos^2((t / T + s) / (1 + s) pi / 2),
+    for t [N] (float64) in 0..T."""
+    def f(t):
+        return torch.cos((t / T + s) / (1 + s) * math.pi / 2) ** 2
+    return f(t) / f(torch.zeros((), dtype=torch.float64))
+
+
+def cosine_betas(T):
+    """The betas of the cosine schedule, float64 [T]: beta_t = 1 - abar(t) / abar(t - 1) of
+    Eq. 17 at the paper's t = 1..T, clipped at 0.999."""
+    t = torch.arange(T + 1, dtype=torch.float64)
+    alphas_bar = cosine_alphas_bar(t, T)
+    return (1. - alphas_bar[1:] / alphas_bar[:-1]).clamp(max=LARGEST_BETA)
+
+
+def betas_of(beta_schedule, beta_1, beta_T, T):
+    """The betas of beta_schedule ("linear": beta_1 .. beta_T; "cosine": Eq. 17, which has no
+    beta_1 or beta_T), float64 [T]."""
+    return linear_betas(beta_1, beta_T, T) if beta_schedule == "linear" else cosine_betas(T)
+
+
+def sampling_timesteps(T, steps, skip_type="uniform"):
+    """The timesteps tau_0 < ... < tau_{S-1} that a sampler visits (0-based), long [S], as the DDIM
+    paper chooses them (Song et al. 2021, Sec. 4.2 and Appendix D.2):
+
+        uniform:    tau_i = floor(i T / S)                          (every T/S-th step)
+        quadratic:  tau_i = floor(c i^2), the last one floor(0.8 T)   (denser near the data)
+
+    for i = 0 .. S-1. Where the quadratic rule repeats a step (S > sqrt(0.8 T) + 1), each repeat
+    is moved one past its predecessor, so that every one of the S network evaluations counts.
+    steps == T with "uniform" is every step 0 .. T-1, the original's Algorithm 2.
+    """
+    if skip_type == "uniform":
+        return torch.arange(steps, dtype=torch.float64).mul(T / steps).floor().long()
+    quadratic = torch.linspace(0., math.sqrt(0.8 * T), steps, dtype=torch.float64).square().long()
+    offsets = torch.arange(steps)
+    return torch.cummax(quadratic - offsets, dim=0).values + offsets
+
+
+def logsnr_timesteps(alphas_bar, steps):
+    """`steps` timesteps of a schedule of T, long [steps], ascending, uniform in lambda_t: the
+    values evenly spaced from lambda(T-1) to lambda(0), each mapped back to a real t on the
+    piecewise-linear lambda(t) of the discrete schedule and rounded. Where rounding repeats a
+    step (near t = 0, where one step spans more lambda than the spacing), each repeat is moved one
+    past its predecessor, as sampling_timesteps does, and where that would run past T-1 the ones
+    before are held back, so that the result always holds 0 and T-1 (steps == T: every step;
+    steps == 1: T-1 alone). alphas_bar: float64 [T], of the full schedule."""
+    T = len(alphas_bar)
+    if not 1 <= steps <= T:
+        raise ValueError(f"logsnr_timesteps: steps must be between 1 and T = {T} (one network "
+                         f"evaluation per visited timestep), got {steps}")
+    lambda_t = 0.5 * (alphas_bar.log() - torch.log1p(-alphas_bar))  # falls with t
+    fractions = torch.linspace(0., 1., steps, dtype=torch.float64, device=alphas_bar.device)
+    targets = (lambda_t[-1] + (lambda_t[0] - lambda_t[-1]) * fractions).flip(0)  # ascending t
+    t = inverse_lambda(lambda_t, targets).round().long()
+    offsets = torch.arange(steps, device=alphas_bar.device)
+    return torch.cummax(t - offsets, dim=0).values.clamp(max=T - steps) + offsets
+
+
+def inverse_lambda(lambda_t, targets):
+    """The real t where the piecewise-linear lambda(t) through lambda_t [T] (falling) meets each
+    of `targets`."""
+    upper = torch.searchsorted(-lambda_t, -targets).clamp(1, len(lambda_t) - 1)
+    lower = upper - 1
+    return lower + (lambda_t[lower] - targets) / (lambda_t[lower] - lambda_t[upper])
+
+
+def respaced_betas(betas, timesteps):
+    """The betas of the shorter diffusion that visits only `timesteps` (Nichol & Dhariwal 2021,
+    Sec. 4): beta_i = 1 - abar_{tau_i} / abar_{tau_{i-1}}, so that its alphas_bar are those of the
+    full schedule at tau. float64 [S]. Every step visited: `betas` itself, to the last bit."""
+    if len(timesteps) == len(betas):
+        return betas
+    alphas_bar = torch.cumprod(1. - betas, dim=0)[timesteps]
+    return 1. - alphas_bar / F.pad(alphas_bar, [1, 0], value=1.)[:-1]
+
+
+def eps_and_x0(prediction, output, x_t, alpha, sigma):
+    """The network's output [B, C, H, W] read as the `prediction` it was trained for, as
+    (eps, x_0), with alpha_t, sigma_t [B, 1, 1, 1] of x_t = alpha_t x_0 + sigma_t eps:
+
+        eps:  eps = output,                      x_0 = (x_t - sigma_t eps) / alpha_t
+        x0:   x_0 = output,                      eps = (x_t - alpha_t x_0) / sigma_t
+        v:    x_0 = alpha_t x_t - sigma_t v,     eps = sigma_t x_t + alpha_t v
+    (v: alpha_t^2 + sigma_t^2 = 1)."""
+    if prediction == "eps":
+        return output, (x_t - sigma * output) / alpha
+    if prediction == "x0":
+        return (x_t - alpha * output) / sigma, output
+    return sigma * x_t + alpha * output, alpha * x_t - sigma * output
+
+
+def target_of(prediction, x_0, eps, alpha, sigma):
+    """What the network is trained to output at x_t = alpha_t x_0 + sigma_t eps: eps, x_0 or
+    v = alpha_t eps - sigma_t x_0 (Salimans & Ho 2022, Sec. 4). [B, C, H, W]."""
+    if prediction == "eps":
+        return eps
+    if prediction == "x0":
+        return x_0
+    return alpha * eps - sigma * x_0
+
+
+def min_snr_weight(prediction, snr, gamma):
+    """The loss weight of Min-SNR-gamma (Hang et al. 2023) for each prediction target, so that
+    every target weighs the x_0 error by min(SNR, gamma): min(SNR, gamma) / SNR for eps,
+    min(SNR, gamma) for x0, min(SNR, gamma) / (SNR + 1) for v. snr [B, 1, 1, 1]."""
+    clipped = snr.clamp(max=gamma)
+    if prediction == "eps":
+        return clipped / snr
+    if prediction == "x0":
+        return clipped
+    return clipped / (snr + 1.)
