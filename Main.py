@@ -5,6 +5,7 @@
     python Main.py --config configs/quickstart.json   # the five-minute quick start on a CPU
     python Main.py --state eval --sampler ddim --sample_steps 100   # DDIM, 10x faster
     python Main.py --state fid --num_samples 50000   # export samples, then FID and IS
+    python Main.py --state nll --nll_images 100      # bits/dim of held-out images (DDPM Table 1)
     python Main.py --help                 # every key, with its default and meaning
 """
 import torch
@@ -15,7 +16,7 @@ from Diffusion.Train import UNCONDITIONAL
 # The original's keys and values; every other key (the dataset, EMA, samplers, speed options,
 # FID, ...) takes its default unless set here or as --key value (see --help, docs/config.md).
 modelConfig = {
-    "state": "train",  # or "eval", "fid"
+    "state": "train",  # or "eval", "fid", "nll"
     "epoch": 200,
     "batch_size": 80,
     "T": 1000,

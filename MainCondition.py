@@ -15,7 +15,7 @@ from DiffusionFreeGuidence.TrainCondition import CONDITIONAL
 # The original's keys and values; every other key (the dataset, EMA, samplers, speed options,
 # FID, ...) takes its default unless set here or as --key value (see --help, docs/config.md).
 modelConfig = {
-    "state": "train",  # or "eval", "fid"
+    "state": "train",  # or "eval", "fid", "nll"
     "epoch": 70,
     "batch_size": 80,
     "T": 500,

@@ -16,7 +16,7 @@ from Diffusion.EMA import EMA
 from Diffusion.Machinery.Checkpoint import diffusion_of
 from Diffusion.Machinery.Config import complete
 from Diffusion.Machinery.Data import training_dataset, training_loader
-from Diffusion.Machinery.Evaluation import Unconditional, evaluate, preview_of
+from Diffusion.Machinery.Evaluation import Unconditional, evaluate, fid_of, preview_of
 from Diffusion.Machinery.Interrupt import StopRequests
 from Diffusion.Machinery.Keys import KEYS, UNET_KEYS
 from Diffusion.Machinery.Processes import EpochSampler, for_training, torchrun_processes
@@ -73,13 +73,14 @@ def fit(config, pieces):
     continuing = (f": the training state saved last is intact in {folder}; continue with the same "
                   f"torchrun command and --training_load_weight last")
     with StopRequests() as stop, torchrun_processes(config["device"], if_lost=continuing) as processes:
-        device = processes.device
+        device, layout = processes.device, memory_format(config["channels_last"])
         dataset = training_dataset(config["dataset"], config["data_root"], config["img_size"],
                                    config["img_channels"], config["max_images"], config["batch_size"],
                                    pieces.labelled)
         if config["seed"] is not None:
             torch.manual_seed(config["seed"])  # the initial weights
-        model = pieces.unet(config, len(dataset.classes)).to(device, memory_format=memory_format(config["channels_last"]))
+        num_labels = len(dataset.classes)
+        model = pieces.unet(config, num_labels).to(device, memory_format=layout)
         optimizer = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=1e-4,
                                       fused=device.type in ("cuda", "cpu"))
         # Warm-up over the first tenth of the epochs, then cosine annealing to 0.
@@ -91,12 +92,14 @@ def fit(config, pieces):
         run = TrainingRun(state, folder, pieces.folder_key, stop, epochs=config["epoch"],
                           save_every=config["save_every"], keep_last=config["keep_last"],
                           save_state_minutes=config["save_state_minutes"], log_every=config["log_every"],
-                          sample_every=config["sample_every"])
+                          sample_every=config["sample_every"], fid_every=config["fid_every"])
         run.start(config["training_load_weight"], config["seed"], config["overwrite"], diffusion_of(config),
-                  dataset.classes, preview=preview_of(config, pieces, len(dataset.classes)))
-        trainer = GaussianDiffusionTrainer(compiled(for_training(model, processes), config["compile"]),
-                                           config["beta_1"], config["beta_T"], config["T"], config["beta_schedule"],
-                                           config["prediction"], config["loss_weight"], config["snr_gamma"]).to(device)
+                  dataset.classes, preview=preview_of(config, pieces, num_labels),
+                  fid=fid_of(config, pieces, num_labels) if config["fid_every"] else None)
+        trainer = GaussianDiffusionTrainer(
+            compiled(for_training(model, processes), config["compile"]), config["beta_1"], config["beta_T"],
+            config["T"], config["beta_schedule"], config["prediction"], config["loss_weight"],
+            config["snr_gamma"]).to(device)
         randomness = GlobalBatchRandomness(state.generator, processes.rank, processes.world_size)
         loss_of_batch = pieces.loss(config)
         sampler = EpochSampler(dataset, processes, state.seed)
@@ -107,7 +110,7 @@ def fit(config, pieces):
             for images, labels in run.batches(loader):
                 x_0 = flip_left_right_at_random(images.to(device, non_blocking=True), randomness)
                 with autocast(device, config["amp"]):
-                    loss = loss_of_batch(trainer, x_0.contiguous(memory_format=memory_format(config["channels_last"])),
+                    loss = loss_of_batch(trainer, x_0.contiguous(memory_format=layout),
                                          labels.to(device, non_blocking=True), randomness)
                 # DistributedDataParallel averages the processes' gradients; the loss is the global batch's.
                 taken = optimizer_step(loss * processes.world_size, model, optimizer, scaler, config["grad_clip"])

@@ -100,6 +100,10 @@ class ClassRows:
         return cls(list(range(num_labels)), 4, guidance_weights(config)[:1],
                    class_names(config["save_dir"], num_labels, config["dataset"]))
 
+    @classmethod
+    def weights_of(cls, config):
+        return guidance_weights(config)
+
     def grid_condition(self, device):
         """The labels of the grid's samples [count], in 1..num_labels (0 is the null label)."""
         return (torch.tensor(self.classes, device=device).repeat_interleave(self.per_row) + 1,)

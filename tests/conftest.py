@@ -113,10 +113,11 @@ def as_arguments(config):
     return arguments
 
 
-def run_script(script, *arguments, cwd=None, preexec_fn=None):
+def run_script(script, *arguments, cwd=None, preexec_fn=None, env=None):
     """Run `python <script> arguments` from the repo as a user would; returns the process.
-    preexec_fn runs in the child before the script (e.g. to set a resource limit)."""
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    preexec_fn runs in the child before the script (e.g. to set a resource limit); env: more
+    environment variables."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
     return subprocess.run([sys.executable, str(REPO / script), *arguments], cwd=cwd or REPO,
                           env=env, capture_output=True, text=True, timeout=600, preexec_fn=preexec_fn)
 

@@ -105,12 +105,38 @@ def test_missing_extractor_file_says_what_to_give(metrics_config, tmp_path):
                    "fid_extractor": str(tmp_path / "none.pt")})
 
 
-def test_inception_weights_that_cannot_be_downloaded_say_where_to_put_them(monkeypatch, tmp_path):
-    def offline(url, path, *args, **kwargs):
-        raise OSError("Name or service not known")
-    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
-    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
-    with pytest.raises(ConfigError) as error:
-        Metrics.extractor_of("inception")
-    assert "weights-inception-2015-12-05" in str(error.value)
-    assert str(tmp_path / "hub" / "checkpoints") in str(error.value)
+# --- FID while training ---------------------------------------------------------------------
+
+
+def test_fid_every_epoch_is_logged_and_leaves_the_training_bit_for_bit(tiny_config, tiny_extractor, tmp_path):
+    """fid_every 1: an FID of the EMA weights in each epoch's log line (and TensorBoard); the
+    weights are those of a run without it, and a run stopped by SIGTERM in its second epoch and
+    continued ends with them too, and with the same FIDs."""
+    import signal
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from conftest import log_lines, start_script, wait_until
+    from Diffusion import Train
+    folders = {name: tmp_path / name for name in ("plain", "fid", "continued")}
+    config = {**tiny_config, "epoch": 2, "batch_size": 2, "sample_every": 0, "log_every": 1}
+    fid = {"fid_every": 1, "fid_samples": 8, "fid_extractor": str(tiny_extractor), "fid_stats_dir": str(tmp_path / "stats")}
+    Train.train({**config, "save_weight_dir": str(folders["plain"])})
+    run_or_fail("Main.py", *as_arguments({**config, **fid, "save_weight_dir": folders["fid"]}), cwd=tmp_path)
+    arguments = as_arguments({**config, **fid, "save_weight_dir": folders["continued"]})
+    first = start_script("Main.py", *arguments, cwd=tmp_path)
+    wait_until(lambda: any(line["kind"] == "step" and line["epoch"] == 1 for line in log_lines(folders["continued"])),
+               first)
+    first.send_signal(signal.SIGTERM)
+    assert first.wait(timeout=60) == 128 + signal.SIGTERM
+    run_or_fail("Main.py", *arguments, "--training_load_weight", "last", cwd=tmp_path)
+
+    fids = [line["fid"] for line in log_lines(folders["fid"]) if line["kind"] == "epoch"]
+    assert len(fids) == 2 and all(np.isfinite(fids)) and fids[0] != fids[1]
+    assert [line["fid"] for line in log_lines(folders["continued"]) if line["kind"] == "epoch"] == fids
+    events = EventAccumulator(str(folders["fid"] / "tensorboard")).Reload()
+    assert [event.value for event in events.Scalars("epoch/fid")] == pytest.approx(fids, rel=1e-6)
+    states = {name: torch.load(folder / "training_state.pt", weights_only=True) for name, folder in folders.items()}
+    for name in ("fid", "continued"):
+        for part in ("model", "ema"):
+            assert all(torch.equal(states[name][part][key], value) for key, value in states["plain"][part].items())

@@ -18,7 +18,7 @@ from PIL import Image
 IMAGE_NAME_KEYS = ("sampledNoisyImgName", "sampledImgName", "sampledProcessImgName")
 # The folder each state writes to: checkpoints when training, image grids when sampling.
 WRITTEN_FOLDER_KEYS = {"train": ("save_weight_dir", "save_dir"), "eval": ("sampled_dir", "export_dir"),
-                       "fid": ("fid_stats_dir", "export_dir")}
+                       "fid": ("fid_stats_dir", "export_dir"), "nll": ()}
 
 
 def _is_finite(value):
@@ -124,6 +124,11 @@ def sampling_options(config):
     if not config["sampledProcessGifName"].lower().endswith(".gif"):
         return (f"sampledProcessGifName must end with .gif, not {config['sampledProcessGifName']!r}: "
                 f"the process is written as an animated GIF.")
+    for key, least in (("fid_samples", 2), ("nll_images", 1)):
+        if config.get(key) is not None and config[key] < least:
+            return f"{key} must be at least {least}, not {config[key]}."
+    if config.get("fid_every", 0) < 0:
+        return f"fid_every must be 0 (never) or more epochs, not {config['fid_every']}."
     if config["state"] == "fid" and config["fid_images"] is None and config["num_samples"] < 2:
         return (f"state fid scores num_samples samples of test_load_weight, but num_samples is "
                 f"{config['num_samples']}: set it (the papers use 50000), or set fid_images to a "

@@ -172,15 +172,15 @@ def remove_empty_folders(folder):
             pass
 
 
-def torchvision_dataset(name, data_root, transform):
-    """torchvision.datasets.<name>(root, train=True, transform, download=True), root as
-    dataset_folders says. A failed download names the files to fetch and where they go, and
+def torchvision_dataset(name, data_root, transform, train=True):
+    """torchvision.datasets.<name>(root, train, transform, download=True) (train False: its test
+    split), root as dataset_folders says. A failed download names the files to fetch and where they go, and
     leaves no empty folder behind; a file in place with the wrong checksum is named as corrupt."""
     dataset_class = getattr(torchvision.datasets, name)
     root, folder = dataset_folders(dataset_class, data_root)
     new_folder = outermost_missing_folder(os.path.join(data_root, name))
     try:
-        return dataset_class(root=root, train=True, transform=transform, download=True)
+        return dataset_class(root=root, train=train, transform=transform, download=True)
     except TypeError as error:
         raise ConfigError(f"torchvision dataset {name!r} is not of the (root, train, transform, "
                           f"download) form this repo uses ({error}): use a folder of images "

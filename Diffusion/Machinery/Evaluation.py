@@ -1,6 +1,6 @@
 """Sampling a trained model, for both models: `evaluate` (state eval: the grids of samples, the
-denoising process, exported samples), `score` (state fid: FID and IS) and the grid a training
-run draws now and then (`preview_of`).
+denoising process, exported samples), `score` (state fid: FID and IS), and the grid and the FID
+a training run draws now and then (`preview_of`, `fid_of`).
 
 A model's `layout` says how its samples are conditioned and laid out: `Unconditional` below, or
 one class per row for the class-conditional model (DiffusionFreeGuidence/TrainCondition.py).
@@ -14,8 +14,8 @@ from tqdm import tqdm
 from Diffusion.Machinery.Checkpoint import check_trained_as_configured, load_into, num_labels_of
 from Diffusion.Machinery.DenoisingProcess import ProcessRecorder, frames_of, save_process_gif, save_process_picture
 from Diffusion.Machinery.Export import export_samples
-from Diffusion.Machinery.Images import save_grid, starting_noise
-from Diffusion.Machinery.Metrics import report_scores
+from Diffusion.Machinery.Images import as_uint8_rgb, save_grid, starting_noise
+from Diffusion.Machinery.Metrics import extractor_of, feature_batches, fid_metric, report_scores
 from Diffusion.Machinery.Processes import torchrun_processes
 from Diffusion.Machinery.Sampling import sampler_of, steps_of
 from Diffusion.Machinery.ScheduleCheck import warn_if_x_T_keeps_the_image
@@ -35,7 +35,8 @@ class Unconditional:
     - process_rows: which samples of the grid the process picture shows;
     - folder(export_dir, w), name(w): where the samples guided by w are exported, and their name;
     - describe(): a line on the rows of the grid, or None.
-    Eval's layout is `for_eval(config, num_labels)`; a training run's grid is `for_preview`."""
+    Eval's layout is `for_eval(config, num_labels)`; a training run's grid is `for_preview`;
+    `weights_of(config)` are the guidance weights alone (state nll)."""
     weights = (None,)
 
     def __init__(self, count, per_row):
@@ -49,6 +50,10 @@ class Unconditional:
     @classmethod
     def for_preview(cls, config, num_labels):
         return cls(16, 4)
+
+    @classmethod
+    def weights_of(cls, config):
+        return cls.weights
 
     def grid_condition(self, device):
         return ()
@@ -184,6 +189,33 @@ def score(config, pieces):
             folders = export(config, samplers_of(config, pieces, model, layout.weights), layout, processes)
         if processes.is_main:
             report_scores(config, folders)
+
+
+def fid_of(config, pieces, num_labels):
+    """fid(model) -> the FID against the training set of fid_samples samples of `model`, drawn
+    in batches of batch_size with the configured sampler and the first guidance weight (the
+    classes in turn): a training run's FID every fid_every epochs. The extractor and the training
+    set's statistics are had now, so that a missing extractor stops the run at its start and no
+    FID draws on random numbers but the samples' own."""
+    layout = pieces.layout.for_preview(config, num_labels)
+    extractor = extractor_of(config["fid_extractor"])
+    metric = fid_metric(config, extractor)
+    count, batch_size = config["fid_samples"], config["batch_size"]
+
+    def fid(model):
+        device = next(model.parameters()).device
+        sampler = sampler_of({**config, "compile": False}, pieces.guide(model, layout.weights[0]))
+
+        def batches():
+            for first in range(0, count, batch_size):
+                indices = torch.arange(first, min(first + batch_size, count), device=device)
+                x_T = starting_noise(len(indices), config, device)
+                yield as_uint8_rgb(sampler(x_T, *layout.export_condition(indices), progress=False))
+        metric.reset()  # the samples' side; the training set's statistics stay
+        for features, _ in feature_batches(batches(), extractor, device):
+            metric.update(features, real=False)
+        return metric.compute().item()
+    return fid
 
 
 def preview_of(config, pieces, num_labels):

