@@ -31,6 +31,13 @@ def extract(v, t, x_shape):
     return v[t].float().view(-1, *[1] * (len(x_shape) - 1))
 
 
+def alpha_and_sigma(diffusion, t, x):
+    """alpha_t = sqrt(abar_t) and sigma_t = sqrt(1 - abar_t) of a trainer's or sampler's schedule
+    at t [B], as float32 [B, 1, 1, 1] for x [B, C, H, W]."""
+    return (extract(diffusion.sqrt_alphas_bar, t, x.shape),
+            extract(diffusion.sqrt_one_minus_alphas_bar, t, x.shape))
+
+
 class GaussianDiffusionTrainer(nn.Module):
     """Algorithm 1: the noise-prediction loss || eps - eps_theta(x_t, t) ||^2.
 
@@ -63,7 +70,7 @@ class GaussianDiffusionTrainer(nn.Module):
     def noise_prediction_error(self, x_0, t, noise, *condition):
         """(eps - eps_theta(sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, t))^2, not reduced (with
         another prediction, its target in place of eps; with min_snr, times its weight)."""
-        alpha, sigma = extract(self.sqrt_alphas_bar, t, x_0.shape), extract(self.sqrt_one_minus_alphas_bar, t, x_0.shape)
+        alpha, sigma = alpha_and_sigma(self, t, x_0)
         x_t = alpha * x_0 + sigma * noise
         target = target_of(self.prediction, x_0, noise, alpha, sigma)
         error = F.mse_loss(self.model(x_t, t, *condition), target, reduction="none")
@@ -91,7 +98,8 @@ class Sampler(nn.Module):
         self.T = T
         self.clip_denoised, self.prediction = clip_denoised, prediction
         self.register_buffer("timesteps", torch.arange(T) if timesteps is None else torch.as_tensor(timesteps))
-        self.register_buffer("betas", respaced_betas(betas_of(beta_schedule, beta_1, beta_T, T), self.timesteps))
+        betas = betas_of(beta_schedule, beta_1, beta_T, T)
+        self.register_buffer("betas", respaced_betas(betas, self.timesteps))
         alphas_bar = torch.cumprod(1. - self.betas, dim=0)
         self.register_buffer("alphas_bar", alphas_bar)
         self.register_buffer("alphas_bar_prev", F.pad(alphas_bar, [1, 0], value=1.)[:-1])
@@ -104,8 +112,9 @@ class Sampler(nn.Module):
         i [B]: positions in `timesteps`. The network's output is read as the prediction it was
         trained for (Schedule.eps_and_x0). With clip_denoised, x_0 is clipped to [-1, 1] and eps
         is the one that the clipped x_0 implies."""
-        alpha, sigma = extract(self.sqrt_alphas_bar, i, x_t.shape), extract(self.sqrt_one_minus_alphas_bar, i, x_t.shape)
-        eps, x_0 = eps_and_x0(self.prediction, self.model(x_t, self.timesteps[i], *condition), x_t, alpha, sigma)
+        alpha, sigma = alpha_and_sigma(self, i, x_t)
+        output = self.model(x_t, self.timesteps[i], *condition)
+        eps, x_0 = eps_and_x0(self.prediction, output, x_t, alpha, sigma)
         if not self.clip_denoised:
             return eps, x_0
         return eps_and_x0("x0", x_0.clamp(-1., 1.), x_t, alpha, sigma)

@@ -113,7 +113,8 @@ def fit(config, pieces):
                     loss = loss_of_batch(trainer, x_0.contiguous(memory_format=layout),
                                          labels.to(device, non_blocking=True), randomness)
                 # DistributedDataParallel averages the processes' gradients; the loss is the global batch's.
-                taken = optimizer_step(loss * processes.world_size, model, optimizer, scaler, config["grad_clip"])
+                taken = optimizer_step(loss * processes.world_size, model, optimizer, scaler,
+                                       config["grad_clip"])
                 if taken and ema:
                     ema.update(model)
                 run.after_step(loss.detach(), taken)

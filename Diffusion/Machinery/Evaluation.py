@@ -12,7 +12,12 @@ from torchvision.utils import make_grid
 from tqdm import tqdm
 
 from Diffusion.Machinery.Checkpoint import check_trained_as_configured, load_into, num_labels_of
-from Diffusion.Machinery.DenoisingProcess import ProcessRecorder, frames_of, save_process_gif, save_process_picture
+from Diffusion.Machinery.DenoisingProcess import (
+    ProcessRecorder,
+    frames_of,
+    save_process_gif,
+    save_process_picture,
+)
 from Diffusion.Machinery.Export import export_samples
 from Diffusion.Machinery.Images import as_uint8_rgb, save_grid, starting_noise
 from Diffusion.Machinery.Metrics import extractor_of, feature_batches, fid_metric, report_scores
@@ -99,7 +104,8 @@ def side_by_side(sample_sets, per_row):
     each, side by side."""
     if len(sample_sets) == 1:
         return sample_sets[0], per_row
-    return torch.stack([make_grid(images, nrow=per_row, pad_value=-1.) for images in sample_sets]), len(sample_sets)
+    grids = [make_grid(images, nrow=per_row, pad_value=-1.) for images in sample_sets]
+    return torch.stack(grids), len(sample_sets)
 
 
 def evaluate(config, pieces):
@@ -149,7 +155,8 @@ def save_process(config, recorders, samples, layout):
     save_process_picture(torch.cat([r.x_t[:, rows] for r in recorders], dim=1),
                          torch.cat([r.x_0[:, rows] for r in recorders], dim=1),
                          config["sampled_dir"], config["sampledProcessImgName"])
-    frames = [side_by_side([r.x_t[frame] for r in recorders], layout.per_row) for frame in range(frames_of(config))]
+    frames = [side_by_side([r.x_t[frame] for r in recorders], layout.per_row)
+              for frame in range(frames_of(config))]
     save_process_gif(torch.stack([images for images, _ in frames]), frames[0][1], config["sampled_dir"],
                      config["sampledProcessGifName"])
 

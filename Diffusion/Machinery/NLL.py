@@ -11,7 +11,12 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from Diffusion.Likelihood import variational_bound
-from Diffusion.Machinery.Data import image_folder, is_torchvision_dataset, torchvision_dataset, training_transform
+from Diffusion.Machinery.Data import (
+    image_folder,
+    is_torchvision_dataset,
+    torchvision_dataset,
+    training_transform,
+)
 from Diffusion.Machinery.Errors import ConfigError
 from Diffusion.Machinery.Evaluation import samplers_of, trained_model
 from Diffusion.Machinery.Export import batch_seed
@@ -45,8 +50,8 @@ def held_out_images(config, num_labels):
 
 def likelihood(config, pieces):
     """Print and return {name: {term: (mean, standard error)}} in bits/dim, one name per guidance
-    weight ("w = 1.8: "; the unconditional model's: ""): the bound ("total") and its parts, the prior L_T, the sum of the KL terms
-    ("diffusion") and the decoder L_0."""
+    weight ("w = 1.8: "; the unconditional model's: ""): the bound ("total") and its parts, the
+    prior L_T, the sum of the KL terms ("diffusion") and the decoder L_0."""
     with torchrun_processes(config["device"]) as processes:
         config = processes.on_its_device(config)
         model, num_labels = trained_model(config, pieces, processes.device)
