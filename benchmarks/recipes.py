@@ -40,11 +40,12 @@ RECIPES = {
     "cosine": {"beta_schedule": "cosine"},
     "v": {"prediction": "v"},
     "min-SNR": {"loss_weight": "min_snr"},
+    "v + min-SNR": {"prediction": "v", "loss_weight": "min_snr"},
     "cosine + v + min-SNR": {"beta_schedule": "cosine", "prediction": "v", "loss_weight": "min_snr"},
 }
 TRAINING = {**SMALL, "img_channels": 1, "batch_size": 128, "lr": 2e-4, "multiplier": 2., "seed": 0,
             "num_workers": 0, "save_every": 1, "sample_every": 0, "log_every": 0}
-COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189)]
+COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (140, 86, 75), (148, 103, 189)]
 
 
 def folder_of(run, recipe):
@@ -164,7 +165,7 @@ def main():
     parser.add_argument("--data_root", default=".")
     parser.add_argument("--recipes", type=lambda text: text.split(";"), default=list(RECIPES))
     parser.add_argument("--epochs", type=int, default=7)
-    parser.add_argument("--points", type=lambda text: [int(e) for e in text.split(",")], default=[1, 3, 6])
+    parser.add_argument("--points", type=lambda text: [int(e) for e in text.split(",")], default=[0, 1, 3, 6])
     parser.add_argument("--seeds", type=lambda text: [int(s) for s in text.split(",")], default=[0, 1])
     parser.add_argument("--num_samples", type=int, default=1000)
     parser.add_argument("--batch_size", type=int, default=250)

@@ -95,7 +95,7 @@ KEYS = {
     "channels_last": Key(False, "NHWC memory format for the UNet (faster convolutions on GPUs)"),
     "sampler": Key("ddpm", "ddpm: Algorithm 2 (respaced when sample_steps < T); ddim: DDIM (Song "
                            "et al. 2021); dpmsolver++: DPM-Solver++ (Lu et al. 2022); unipc: UniPC "
-                           "(Zhao et al. 2023), the last two at 1000-step quality in 10-25 steps",
+                           "(Zhao et al. 2023), the last two reaching DDIM-100's samples in 10-25 steps",
                    SAMPLERS),
     "sample_steps": Key(None, "network evaluations per sample (NFE), the timesteps visited out of T "
                               "(None: all T)", kind=int),
