@@ -118,17 +118,17 @@ def decoder_nll(x_0, mean, var):
     return -per_image(discretized_gaussian_log_likelihood(x_0, mean, 0.5 * var.log()))
 
 
-def bound_terms(x_0, p_mean_variance, alphas_bar, t, noise):
-    """The bound's term at index t for a batch: L_{t-1} (a KL) where t >= 1, the decoder L_0
-    where t == 0, at x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) noise.
+def bound_term(x_0, p_mean_variance, alphas_bar, index, noise):
+    """The bound's term at timestep `index` for a batch, at x_t = sqrt(abar_t) x_0 +
+    sqrt(1 - abar_t) noise: the decoder L_0 at index 0, the KL L_{t-1} after it.
 
-    x_0, noise [B, C, H, W]; t long [B] (0-based, may differ across the batch);
-    p_mean_variance(x_t, t) -> (mean [B, C, H, W], var broadcastable) of p_theta(x_{t-1} | x_t);
-    alphas_bar float64 [T]. Returns nats per image, float64 [B]."""
+    x_0, noise [B, C, H, W]; p_mean_variance(x_t, t) -> (mean [B, C, H, W], var broadcastable)
+    of p_theta(x_{t-1} | x_t); alphas_bar float64 [T]. Returns nats per image, float64 [B]."""
+    t = torch.full((x_0.shape[0],), index, dtype=torch.long, device=x_0.device)
     x_t, mean, var = model_at(x_0, p_mean_variance, alphas_bar, t, noise)
-    # At index 0 the posterior variance is 0 and the KL infinite: torch.where takes the decoder.
-    return torch.where(t == 0, decoder_nll(x_0, mean, var),
-                       diffusion_kl(x_0, x_t, t, mean, var, alphas_bar))
+    if index == 0:  # the posterior variance is 0 there: x_0 is scored by the decoder
+        return decoder_nll(x_0, mean, var)
+    return diffusion_kl(x_0, x_t, t, mean, var, alphas_bar)
 
 
 @torch.no_grad()
@@ -141,17 +141,15 @@ def variational_bound(x_0, p_mean_variance, alphas_bar, generator=None, on_step=
 
     Returns float64 [B] tensors: "prior" L_T, "diffusion" sum_{t=2}^{T} L_{t-1}, "decoder" L_0
     and "total", their sum."""
-    T, batch, dims = len(alphas_bar), x_0.shape[0], x_0[0].numel()
-    diffusion = torch.zeros(batch, dtype=torch.float64, device=x_0.device)
+    T, dims = len(alphas_bar), x_0[0].numel()
+    diffusion = torch.zeros(x_0.shape[0], dtype=torch.float64, device=x_0.device)
     for index in range(T):
-        t = torch.full((batch,), index, dtype=torch.long, device=x_0.device)
         noise = torch.randn(x_0.shape, generator=generator, dtype=x_0.dtype, device=x_0.device)
-        x_t, mean, var = model_at(x_0, p_mean_variance, alphas_bar, t, noise)
-        # bound_terms at one index: only the term that index needs
+        term = bound_term(x_0, p_mean_variance, alphas_bar, index, noise)
         if index == 0:
-            decoder = decoder_nll(x_0, mean, var)
+            decoder = term
         else:
-            diffusion = diffusion + diffusion_kl(x_0, x_t, t, mean, var, alphas_bar)
+            diffusion = diffusion + term
         if on_step is not None:
             on_step()
     bits = {"prior": bits_per_dim(prior_kl(x_0, alphas_bar[-1]), dims),

@@ -7,7 +7,7 @@ import torch
 from torch.distributions import Normal, kl_divergence
 
 from Diffusion.Diffusion import GaussianDiffusionSampler
-from Diffusion.Likelihood import (bits_per_dim, bound_terms, discretized_gaussian_log_likelihood,
+from Diffusion.Likelihood import (bits_per_dim, bound_term, discretized_gaussian_log_likelihood,
                                   normal_kl, posterior_mean_variance, prior_kl, variational_bound)
 from Diffusion.Model import UNet
 
@@ -186,23 +186,13 @@ def test_variational_bound_is_the_sum_of_its_terms_one_at_a_time(tiny_sampler, i
     assert len(steps) == 20
     generator = torch.Generator().manual_seed(3)
     with torch.no_grad():
-        terms = [bound_terms(images, p_mean_variance_of(tiny_sampler), tiny_sampler.alphas_bar,
-                             torch.full((2,), index), torch.randn(images.shape, generator=generator))
+        terms = [bound_term(images, p_mean_variance_of(tiny_sampler), tiny_sampler.alphas_bar, index,
+                            torch.randn(images.shape, generator=generator))
                  for index in range(20)]
         prior = prior_kl(images, tiny_sampler.alphas_bar[-1])
     dims = 3 * 8 * 8
     for name, nats in (("prior", prior), ("decoder", terms[0]), ("diffusion", sum(terms[1:]))):
         torch.testing.assert_close(bound[name], bits_per_dim(nats, dims), rtol=1e-12, atol=0)
-
-
-def test_bound_terms_take_a_different_timestep_for_each_image(tiny_sampler, images):
-    noise = torch.randn(images.shape, generator=torch.Generator().manual_seed(4))
-    p_mean_variance = p_mean_variance_of(tiny_sampler)
-    with torch.no_grad():
-        mixed = bound_terms(images, p_mean_variance, tiny_sampler.alphas_bar, torch.tensor([0, 7]), noise)
-        alone = [bound_terms(images[i:i + 1], p_mean_variance, tiny_sampler.alphas_bar, torch.tensor([t]),
-                             noise[i:i + 1]) for i, t in enumerate([0, 7])]
-    torch.testing.assert_close(mixed, torch.cat(alone), rtol=1e-5, atol=0)
 
 
 def test_total_is_finite_positive_and_prior_plus_diffusion_plus_decoder(tiny_sampler, images):
