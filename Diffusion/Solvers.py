@@ -17,7 +17,9 @@ present x_0 alone is DDIM (first order), one through the x_0 of the last k steps
 (of order k, but see DPM-Solver++(3M); UniPC's corrector adds one), one network evaluation (NFE)
 per step. The last step, from tau_0 to the data (alpha = 1, sigma = 0,
 lambda = +inf, diffusers' final_sigmas_type="zero"), is first order: e^{-h} = 0 there and it
-returns the x_0 predicted at tau_0.
+returns the x_0 predicted at tau_0. DPM-Solver++ also solves, with eta > 0, the reverse SDEs
+of the same marginals (Karras et al. 2022, Eq. 6, in lambda), its noise optionally only near
+the data (eta_min_snr).
 
 Both samplers are generators that the caller drives; every tensor is [B, C, H, W] in x's dtype,
 every coefficient is computed in float64 and cast when used (0-dim tensors, which torch applies
@@ -27,6 +29,8 @@ to x on any device without a copy, so alphas_bar may stay on the CPU).
 both models, the guided estimate, the speed options, the process picture and the export take
 them as they take DDIM.
 """
+import math
+
 import torch
 
 from Diffusion.Diffusion import Sampler
@@ -45,22 +49,37 @@ def _as(coefficient, x):
     return coefficient.to(x.dtype)
 
 
-# DPM-Solver++ (Lu et al. 2022, arXiv:2211.01095), multistep, data prediction.
+# DPM-Solver++ (Lu et al. 2022, arXiv:2211.01095), multistep, data prediction; with eta > 0 its
+# stochastic form (SDE-DPM-Solver++, diffusers' algorithm_type="sde-dpmsolver++" at eta = 1).
 
-def dpm_solver_pp(data_prediction, x, alphas_bar, order=2):
+def dpm_solver_pp(data_prediction, x, alphas_bar, order=2, eta=0., eta_min_snr=0., noise=torch.randn_like):
     """DPM-Solver++(kM), k = `order` in 1..3: S steps of one NFE each from x = x_T at position
     S-1 of alphas_bar (float64 [S], abar at tau_0 < .. < tau_{S-1}) to the data.
 
     data_prediction(x, index) -> x_0 at visited position `index` (S-1 first, 0 last).
+    eta >= 0: 0 solves the probability-flow ODE; eta > 0 a reverse SDE of the same marginals
+    that adds noise(x) ~ N(0, I) at each step (see _dpm_solver_pp_step); eta = 1 is the reverse
+    SDE of the forward process, whose first-order step is DDPM's posterior step. eta_min_snr > 0
+    keeps the ODE (eta 0) on the steps that start at SNR_t = alpha_t^2 / sigma_t^2 < eta_min_snr.
     Yields (x_t, x_0, x_next) per step, x_0 predicted from x_t; the last x_next is the sample."""
     schedule, steps = _schedule(alphas_bar), len(alphas_bar)
+    step_etas = _step_etas(schedule, eta, eta_min_snr)
     history = []  # (i, x_0) of the last `order` points, the latest last
-    for i in range(steps):
+    for i, step_eta in enumerate(step_etas):
         x_0 = data_prediction(x, steps - 1 - i)
         history = (history + [(i, x_0)])[-order:]
-        x_next = _dpm_solver_pp_step(x, history[-_dpm_solver_pp_order(order, i, steps):], schedule)
+        x_next = _dpm_solver_pp_step(x, history[-_dpm_solver_pp_order(order, i, steps):], schedule, step_eta)
+        if step_eta > 0 and i < steps - 1:
+            x_next = x_next + _noise_scale(schedule, i, step_eta).to(x.dtype) * noise(x)
         yield x, x_0, x_next
         x = x_next
+
+
+def _step_etas(schedule, eta, min_snr):
+    """The eta of each of the S steps (Python floats, read before the loop): eta where the step
+    starts at SNR_t = e^{2 lambda_t} >= min_snr, 0 before."""
+    _, _, lambda_t = schedule
+    return [eta if math.exp(2. * start) >= min_snr else 0. for start in lambda_t[:-1].tolist()]
 
 
 def _dpm_solver_pp_order(order, i, steps):
@@ -74,18 +93,31 @@ def _dpm_solver_pp_order(order, i, steps):
     return min(order, i + 1)
 
 
-def _dpm_solver_pp_step(x, points, schedule):
+def _dpm_solver_pp_step(x, points, schedule, eta=0.):
     """One step from point i (the last of `points`, (i, x_0) each) to i + 1, of the order
-    len(points). With phi_1 = e^{-h} - 1, phi_2 = phi_1 / h + 1, phi_3 = phi_2 / h - 1/2, x_0' and
-    x_0'' the x_0 of the two points before, r_0 = h_0 / h and r_1 = h_1 / h (h_0, h_1 the two
-    steps before, in lambda):
+    len(points), without its noise. With H = (1 + eta) h, phi_1 = e^{-H} - 1, phi_2 = phi_1 / H + 1,
+    phi_3 = phi_2 / H - 1/2, x_0' and x_0'' the x_0 of the two points before, r_0 = h_0 / h and
+    r_1 = h_1 / h (h_0, h_1 the two steps before, in lambda), and the decay e^{-eta h}:
 
-    1 (DDIM):      x_next = (sigma_next / sigma_t) x_t - alpha_next phi_1 x_0
+    1 (DDIM):      x_next = (sigma_next / sigma_t) e^{-eta h} x_t - alpha_next phi_1 x_0
     2M (Alg. 2):   D = (1 + 1 / (2 r_0)) x_0 - 1 / (2 r_0) x_0'
-                   x_next = (sigma_next / sigma_t) x_t - alpha_next phi_1 D
+                   x_next = (sigma_next / sigma_t) e^{-eta h} x_t - alpha_next phi_1 D
     3M:            D1_0 = (x_0 - x_0') / r_0,  D1_1 = (x_0' - x_0'') / r_1
                    D1 = D1_0 + r_0 / (r_0 + r_1) (D1_0 - D1_1),  D2 = (D1_0 - D1_1) / (r_0 + r_1)
-                   x_next = (sigma_next / sigma_t) x_t - alpha_next (phi_1 x_0 - phi_2 D1 + phi_3 D2)
+                   x_next = (sigma_next / sigma_t) e^{-eta h} x_t - alpha_next (phi_1 x_0 - phi_2 D1 + phi_3 D2)
+
+    At eta = 0 these are the paper's. With eta > 0 the step solves the reverse SDE
+    dx = [(dlog sigma / dlambda - eta) x + (1 + eta) alpha x_0(x)] dlambda + sigma sqrt(2 eta) dw
+    (w a Wiener process in lambda; at every eta the forward process's marginals), whose exact
+    step is x_next = (sigma_next / sigma_t) e^{-eta h} x_t + alpha_next int_0^h (1 + eta)
+    e^{-(1 + eta)(h - u)} x_0(lambda_t + u) du + sigma_next sqrt(1 - e^{-2 eta h}) z: the integral
+    weighs x_0 by the ODE's kernel with h stretched to H, so each order's terms are the ODE's phi
+    functions at H (with r_0, r_1 and the D's unchanged). At eta = 1 orders 1 and 2 are diffusers'
+    "sde-dpmsolver++" (midpoint). Its order 3 weighs D2 by alpha_next (phi_3 + 1), not by the
+    expansion's alpha_next phi_3: a weight of O(1) on a term of O(h^2), where phi_3 is O(h);
+    this one keeps the ODE's 3M form at H. The larger eta, the nearer lambda_next the kernel's
+    weight: the step extrapolates x_0 through the past steps, whose x_0 carry their noise; 3M
+    does it quadratically, which ruins the samples above eta = 1 (refused there by the checks).
 
     3M is not in the paper; it is Lu et al.'s multistep_dpm_solver_third_update (and diffusers',
     k-diffusion's), the Taylor expansion of Prop. 4.1 with D1 ~ h x_0' and D2 ~ h^2 x_0''/2 from
@@ -96,8 +128,10 @@ def _dpm_solver_pp_step(x, points, schedule):
     alpha_t, sigma_t, lambda_t = schedule
     i, x_0 = points[-1]
     h = lambda_t[i + 1] - lambda_t[i]
-    phi_1 = torch.expm1(-h)
-    x_next = _as(sigma_t[i + 1] / sigma_t[i], x) * x
+    stretched = (1. + eta) * h
+    phi_1 = torch.expm1(-stretched)
+    decay = torch.exp(-eta * h) if eta > 0 else 1.  # (eta = 0 on the last step: 0 * inf)
+    x_next = _as(sigma_t[i + 1] / sigma_t[i] * decay, x) * x
     if len(points) == 1:
         return x_next - _as(alpha_t[i + 1] * phi_1, x) * x_0
     x_0_1 = points[-2][1]
@@ -109,9 +143,16 @@ def _dpm_solver_pp_step(x, points, schedule):
     d1_0, d1_1 = _as(1. / r_0, x) * (x_0 - x_0_1), _as(1. / r_1, x) * (x_0_1 - x_0_2)
     d1 = d1_0 + _as(r_0 / (r_0 + r_1), x) * (d1_0 - d1_1)
     d2 = _as(1. / (r_0 + r_1), x) * (d1_0 - d1_1)
-    phi_2 = phi_1 / h + 1.
-    phi_3 = phi_2 / h - 0.5
+    phi_2 = phi_1 / stretched + 1.
+    phi_3 = phi_2 / stretched - 0.5
     return x_next - _as(alpha_t[i + 1], x) * (_as(phi_1, x) * x_0 - _as(phi_2, x) * d1 + _as(phi_3, x) * d2)
+
+
+def _noise_scale(schedule, i, eta):
+    """sigma_next sqrt(1 - e^{-2 eta h}), the standard deviation of the noise of step i (0-dim
+    float64): what keeps x_next's marginal that of the forward process."""
+    _, sigma_t, lambda_t = schedule
+    return sigma_t[i + 1] * (-torch.expm1(-2. * eta * (lambda_t[i + 1] - lambda_t[i]))).sqrt()
 
 
 # UniPC (Zhao et al. 2023, arXiv:2302.04867), B(h) = e^h - 1 ("bh2"), data prediction.

@@ -195,7 +195,10 @@ CONVERGENCE_ORDER = {("dpm_solver_pp", 1): 1, ("dpm_solver_pp", 2): 2, ("dpm_sol
                      ("unipc", 1): 2, ("unipc", 2): 3, ("unipc", 3): 4}
 
 
-def gaussian_ode_error(solver, order, steps, mu=0.3, s=0.5):
+def gaussian_data(steps, mu, s):
+    """Data N(mu, s^2 I) on a continuous schedule of `steps` points uniform in lambda, from 5 down
+    to -5 (float64): lambdas, alphas_bar, alpha, spread = sqrt(alpha^2 s^2 + sigma^2) [steps],
+    the exact data prediction E[x_0 | x_t] at each point, and an x_T [1, 4, 32, 32]."""
     lambdas = torch.linspace(5., -5., steps, dtype=torch.float64)
     alphas_bar = torch.sigmoid(2. * lambdas)
     alpha, sigma = alphas_bar.sqrt(), (1. - alphas_bar).sqrt()
@@ -205,6 +208,11 @@ def gaussian_ode_error(solver, order, steps, mu=0.3, s=0.5):
         return mu + alpha[index] * s ** 2 * (x - alpha[index] * mu) / spread[index] ** 2
 
     x_T = torch.randn(1, 4, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    return lambdas, alphas_bar, alpha, spread, data_prediction, x_T
+
+
+def gaussian_ode_error(solver, order, steps, mu=0.3, s=0.5):
+    _, alphas_bar, alpha, spread, data_prediction, x_T = gaussian_data(steps, mu, s)
     exact = alpha[0] * mu + spread[0] * (x_T - alpha[-1] * mu) / spread[-1]
     *_, (_, _, x_at_position_0), _ = SOLVERS[solver](data_prediction, x_T, alphas_bar, order)
     assert x_at_position_0.dtype == torch.float64

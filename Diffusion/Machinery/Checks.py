@@ -108,14 +108,38 @@ def training_options(config):
         return "amp fp16 needs a CUDA device; on a CPU use amp bf16 (or none)."
 
 
+def _noise_options(config):
+    """eta and eta_min_snr: the noise of ddim and dpmsolver++."""
+    eta, min_snr, sampler = config["eta"], config["eta_min_snr"], config["sampler"]
+    if not (eta >= 0 and math.isfinite(eta)):
+        return f"eta must be 0 (deterministic) or more, not {eta}."
+    if sampler == "ddim" and eta > 1:
+        return (f"eta of ddim must be between 0 (deterministic) and 1 (DDPM's posterior variance), "
+                f"not {eta}: for more noise use --sampler dpmsolver++ --eta {eta}.")
+    if eta > 0 and sampler not in ("ddim", "dpmsolver++"):
+        return (f"eta {eta} adds noise to ddim and dpmsolver++ only, not to sampler {sampler}: use "
+                f"--sampler dpmsolver++ --eta {eta} for a fast stochastic sampler, or eta 0.")
+    if sampler == "dpmsolver++" and eta > 1 and config["solver_order"] == 3:
+        return (f"solver_order 3 with eta {eta} extrapolates x_0 quadratically through noisy steps "
+                f"(FID 8.3 against 1.2 for order 2 at eta 10, benchmarks/RESULTS.md): use "
+                f"--solver_order 2, or eta 1 or less.")
+    if not (min_snr >= 0 and math.isfinite(min_snr)):
+        return f"eta_min_snr must be 0 (noise on every step) or more, not {min_snr}."
+    if min_snr > 0 and not (sampler == "dpmsolver++" and eta > 0):
+        return (f"eta_min_snr {min_snr} limits the noise of dpmsolver++ with eta > 0, not of "
+                f"sampler {sampler} with eta {eta}: use --sampler dpmsolver++ --eta 5 "
+                f"--eta_min_snr {min_snr}, or eta_min_snr 0.")
+
+
 def sampling_options(config):
     """The samplers, the process picture, the export and FID."""
     steps = config["T"] if config["sample_steps"] is None else config["sample_steps"]
     if not 1 <= steps <= config["T"]:
         return (f"sample_steps must be between 1 and T = {config['T']} (or None for all T), not "
                 f"{config['sample_steps']}.")
-    if not 0 <= config["eta"] <= 1:
-        return f"eta must be between 0 (deterministic DDIM) and 1, not {config['eta']}."
+    noise = _noise_options(config)
+    if noise:
+        return noise
     if config["process_frames"] == 1 or config["process_frames"] < 0:
         return (f"process_frames must be 0 (no process picture) or at least 2 (x_T and the "
                 f"samples), not {config['process_frames']}.")

@@ -4,13 +4,17 @@
                             them by respacing the schedule (Nichol & Dhariwal 2021); variance
                             fixedlarge or fixedsmall
              "ddim"         DDIM (Song et al. 2021) on sample_steps steps, stochasticity eta
-             "dpmsolver++"  DPM-Solver++ (Lu et al. 2022), multistep, of solver_order
+             "dpmsolver++"  DPM-Solver++ (Lu et al. 2022), multistep, of solver_order; with
+                            eta > 0 its stochastic form (SDE-DPM-Solver++ at eta = 1), its
+                            noise only where SNR_t >= eta_min_snr
              "unipc"        UniPC (Zhao et al. 2023), predictor-corrector, of solver_order
     skip_type:              which sample_steps of the T timesteps are visited: "uniform" or
                             "quadratic" in t, or "logSNR" (uniform in log(alpha_t / sigma_t));
                             None: logSNR for the solvers, uniform for the others
 sample_steps is the number of network evaluations (NFE) of a sample.
 """
+from functools import partial
+
 import torch
 
 from Diffusion.DDIM import DDIMSampler
@@ -53,7 +57,10 @@ def sampler_of(config, network):
     if config["sampler"] == "ddim":
         sampler = DDIMSampler(*schedule, eta=config["eta"], **options)
     elif config["sampler"] in SOLVERS:
-        sampler = SolverSampler(*schedule, SOLVERS[config["sampler"]], order=config["solver_order"], **options)
+        solver = SOLVERS[config["sampler"]]
+        if solver is dpm_solver_pp:
+            solver = partial(dpm_solver_pp, eta=config["eta"], eta_min_snr=config["eta_min_snr"])
+        sampler = SolverSampler(*schedule, solver, order=config["solver_order"], **options)
     else:
         sampler = GaussianDiffusionSampler(*schedule, variance=config["variance"], **options)
     return sampler.to(torch.device(config["device"]))
