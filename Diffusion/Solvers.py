@@ -70,7 +70,7 @@ def dpm_solver_pp(data_prediction, x, alphas_bar, order=2, eta=0., eta_min_snr=0
         history = (history + [(i, x_0)])[-order:]
         x_next = _dpm_solver_pp_step(x, history[-_dpm_solver_pp_order(order, i, steps):], schedule, step_eta)
         if step_eta > 0 and i < steps - 1:
-            x_next = x_next + _noise_scale(schedule, i, step_eta).to(x.dtype) * noise(x)
+            x_next = x_next + _as(_noise_scale(schedule, i, step_eta), x) * noise(x)
         yield x, x_0, x_next
         x = x_next
 
