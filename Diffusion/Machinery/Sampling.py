@@ -47,6 +47,14 @@ def timesteps_of(config):
     return sampling_timesteps(config["T"], steps_of(config), skip_type_of(config))
 
 
+def solver_of(config):
+    """The solver function of config["sampler"], with DPM-Solver++'s noise (eta, eta_min_snr)
+    bound; UniPC has none."""
+    if config["sampler"] == "dpmsolver++":
+        return partial(dpm_solver_pp, eta=config["eta"], eta_min_snr=config["eta_min_snr"])
+    return SOLVERS[config["sampler"]]
+
+
 def sampler_of(config, network):
     """The sampler of config["sampler"] over `network` (the UNet, or the guided estimate of the
     conditional one, under the speed options), on config["device"]:
@@ -57,10 +65,7 @@ def sampler_of(config, network):
     if config["sampler"] == "ddim":
         sampler = DDIMSampler(*schedule, eta=config["eta"], **options)
     elif config["sampler"] in SOLVERS:
-        solver = SOLVERS[config["sampler"]]
-        if solver is dpm_solver_pp:
-            solver = partial(dpm_solver_pp, eta=config["eta"], eta_min_snr=config["eta_min_snr"])
-        sampler = SolverSampler(*schedule, solver, order=config["solver_order"], **options)
+        sampler = SolverSampler(*schedule, solver_of(config), order=config["solver_order"], **options)
     else:
         sampler = GaussianDiffusionSampler(*schedule, variance=config["variance"], **options)
     return sampler.to(torch.device(config["device"]))
