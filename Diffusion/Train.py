@@ -72,7 +72,7 @@ def fit(config, pieces):
     folder = config[pieces.folder_key]
     continuing = (f": the training state saved last is intact in {folder}; continue with the same "
                   f"torchrun command and --training_load_weight last")
-    with StopRequests() as stop, torchrun_processes(config["device"], if_lost=continuing) as processes:
+    with torchrun_processes(config["device"], if_lost=continuing) as processes, StopRequests() as stop:
         device, layout = processes.device, memory_format(config["channels_last"])
         dataset = training_dataset(config["dataset"], config["data_root"], config["img_size"],
                                    config["img_channels"], config["max_images"], config["batch_size"],

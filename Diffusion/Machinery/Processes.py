@@ -9,7 +9,9 @@ the same either way.
 import itertools
 import os
 import random
+import signal
 import socket
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -65,15 +67,36 @@ def torchrun_processes(device, if_lost=""):
                             device_id=device if device.type == "cuda" else None)
     processes = Processes(device, dist.get_rank(), dist.get_world_size())
     identities = gather((socket.gethostname(), os.getpid()), processes)
+    previous_handler = outlive_the_closing_signal(identities, processes)
+    lost = False
     try:
         yield processes
     except RuntimeError as error:  # torch.distributed's errors (DistBackendError, ...) included
         if not is_a_lost_peer(error):
             raise
+        lost = True
         raise ProcessLost(f"{lost_processes(identities, processes)} stopped, so process "
                           f"{processes.rank} stops too{if_lost}.") from None
     finally:
+        if not lost:  # a lost process's SIGTERM stays ignored: the sentence above must get out
+            signal.signal(signal.SIGTERM, previous_handler)
         dist.destroy_process_group()
+
+
+def outlive_the_closing_signal(identities, processes):
+    """When one process stops, torchrun's agent sends SIGTERM to the others, which would end
+    this one before its next collective fails and says which process was lost: from now on that
+    SIGTERM is ignored while a process of this machine is gone (the agent's SIGKILL follows
+    30 s later). Any other SIGTERM does what it did before. Returns the handler replaced."""
+    previous_handler = signal.getsignal(signal.SIGTERM)
+
+    def on_sigterm(number, frame):
+        if not gone_here(identities, processes):
+            signal.signal(signal.SIGTERM, previous_handler)
+            signal.raise_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    return previous_handler
 
 
 def is_a_lost_peer(error):
@@ -84,14 +107,23 @@ def is_a_lost_peer(error):
         sign in text for sign in ("Connection reset", "Connection closed", "NCCL", "gloo"))
 
 
-def lost_processes(identities, processes):
-    """The processes of this machine that are no longer running (by their pids), as words:
-    "process 1 of 2 (pid 1234)"; "another of the N processes" when none of them is (it ran on
-    another machine)."""
+def gone_here(identities, processes):
+    """The other processes of this machine that are no longer running (by their pids), as
+    (rank, pid) pairs."""
     here = socket.gethostname()
-    lost = [f"process {rank} of {processes.world_size} (pid {pid})"
-            for rank, (host, pid) in enumerate(identities)
+    return [(rank, pid) for rank, (host, pid) in enumerate(identities)
             if rank != processes.rank and host == here and not is_running(pid)]
+
+
+def lost_processes(identities, processes, wait_seconds=2.):
+    """The processes of this machine that are no longer running, as words: "process 1 of 2
+    (pid 1234)"; "another of the N processes" when none of them is (it ran on another machine).
+    A killed process closes its connections a moment before it ends: it is waited for up to
+    `wait_seconds`."""
+    deadline = time.monotonic() + wait_seconds
+    while not (gone := gone_here(identities, processes)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    lost = [f"process {rank} of {processes.world_size} (pid {pid})" for rank, pid in gone]
     return ", ".join(lost) or f"another of the {processes.world_size} processes"
 
 

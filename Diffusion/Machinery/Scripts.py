@@ -26,7 +26,13 @@ def run_script(main, script_config, pieces, description):
     try:
         main(config)
     except RunError as error:
-        sys.exit(f"error: {error}")
+        say_last(f"error: {error}", 1)
     except TrainingStopped as stopped:
-        print(stopped, file=sys.stderr)
-        sys.exit(stopped.exit_status)
+        say_last(str(stopped), stopped.exit_status)
+
+
+def say_last(sentence, exit_status):
+    """End the program with `sentence` on stderr, written in one piece (a launcher's own lines
+    on the same stream cannot cut into it)."""
+    sys.stderr.write(f"{sentence}\n")
+    sys.exit(exit_status)
