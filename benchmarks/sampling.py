@@ -13,11 +13,12 @@ RUN/ckpt, sampled from its EMA weights), num_samples images of each sampler and 
 exported into RUN/samples/<sampler>/seed<seed> (an interrupted run continues there; --amp bf16
 runs the network in bfloat16, 1.7-2.5x faster on a CPU with AVX-512 BF16), timed, and
 scored against the training set with the same feature extractor; each row gives the FID of
-every seed, their mean and the seconds per image of the export. Offline, the extractor is a
+every seed, their mean, the FID of all seeds' images together (less biased: FID falls as
+the images grow in number) and the seconds per image of the export. Offline, the extractor is a
 StandInClassifier trained here on the dataset's labels (RUN/classifier.pt, trained when
 missing): its FID is NOT the papers' Inception FID, only comparable within the table. The row
 "training images" scores num_samples real images the same way: the floor that a perfect model
-would reach with so few images.
+would reach with so few images (and as many as all seeds' together).
 """
 import argparse
 import os
@@ -29,14 +30,15 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 from torch.nn import functional as F
-from torch.utils.data import DataLoader, Subset, random_split
+from torch.utils.data import ConcatDataset, DataLoader, Subset, random_split
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.speed import cpu_name, script_defaults  # noqa: E402
 from Diffusion.Machinery.Evaluation import Unconditional, export, samplers_of, trained_model  # noqa: E402
 from Diffusion.Machinery.Images import save_png_atomically, starting_noise  # noqa: E402
-from Diffusion.Machinery.Metrics import StandInClassifier, reference_images, report_scores  # noqa: E402
+from Diffusion.Machinery.Metrics import (StandInClassifier, dataset_batches, extractor_of, folder_images,  # noqa: E402
+                                         reference_images, report_scores, scores_of)
 from Diffusion.Machinery.Processes import Processes  # noqa: E402
 from Diffusion.Machinery.Sampling import sampler_of  # noqa: E402
 from Diffusion.Train import UNCONDITIONAL, unet_of  # noqa: E402
@@ -127,10 +129,11 @@ def train_classifier(config, path, epochs=3):
     return correct / len(held_out)
 
 
-def write_training_images(config, folder, count):
-    """`count` random training images as PNGs, to score as a real 'sample'."""
+def write_training_images(config, folder, count, first=0):
+    """`count` random training images as PNGs, to score as a real 'sample' (the `first`..first +
+    count - 1 of one random order)."""
     dataset = reference_images(config)
-    chosen = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(1))[:count]
+    chosen = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(1))[first:first + count]
     os.makedirs(folder, exist_ok=True)
     for index, (image, _) in enumerate(Subset(dataset, chosen.tolist())):
         save_png_atomically(image.float() / 127.5 - 1., os.path.join(folder, f"{index:06d}.png"))
@@ -169,14 +172,27 @@ def fid_rows(args, device):
                 seconds.append(float(timing.read_text()))
             folders[seed] = sampler_config["export_dir"]
         scores = report_scores(config, {f"{name}, seed {seed}": folder for seed, folder in folders.items()})
-        rows[name] = {"fids": [result["fid"] for result in scores.values()],
+        fids = [result["fid"] for result in scores.values()]
+        rows[name] = {"fids": fids, "mean": statistics.mean(fids),
+                      "pooled": pooled_fid(config, folders.values()),
                       "seconds_per_image": statistics.mean(seconds) if seconds else None}
-    real = run / "samples" / "training-images"
-    if not real.is_dir():
-        write_training_images(config, real, args.num_samples)
-    rows["training images"] = {"fids": [report_scores(config, {"training images": str(real)})["training images"]["fid"]],
+    real = [run / "samples" / "training-images"] + [run / "samples" / f"training-images-{index}"
+                                                    for index in range(1, len(args.seeds))]
+    for index, folder in enumerate(real):
+        if not folder.is_dir():
+            write_training_images(config, folder, args.num_samples, first=index * args.num_samples)
+    fid = report_scores(config, {"training images": str(real[0])})["training images"]["fid"]
+    rows["training images"] = {"fids": [fid], "mean": fid, "pooled": pooled_fid(config, real),
                                "seconds_per_image": None}
     return rows
+
+
+def pooled_fid(config, folders):
+    """The FID of the images of all `folders` together (less biased and less noisy than the
+    mean of their FIDs, as FID falls with the number of images)."""
+    images = ConcatDataset([folder_images(folder, config["img_size"]) for folder in folders])
+    batches = dataset_batches(images, config, f"features of {len(images)} images")
+    return scores_of(batches, config, extractor_of(config["fid_extractor"]))["fid"]
 
 
 def picture(run, names, path, count=8, scale=4):
@@ -195,6 +211,13 @@ def picture(run, names, path, count=8, scale=4):
                         (label_width + column * (size + 2), row * (size + 2)))
     sheet.save(path)
     print(f"wrote {path}")
+
+
+def versus(rows, name, column):
+    """The row's FID in `column` ("mean" of the seeds', or "pooled") against DDPM-1000's, in %."""
+    if "DDPM-1000" not in rows or name == "DDPM-1000":
+        return "-"
+    return f"{100 * (rows[name][column] / rows['DDPM-1000'][column] - 1):+.0f}%"
 
 
 def main():
@@ -228,14 +251,14 @@ def main():
                   f"| {rows[0][2] / guided:.1f}x |")
     if args.fid_dir:
         rows = fid_rows(args, device)
-        reference = statistics.mean(rows["DDPM-1000"]["fids"]) if "DDPM-1000" in rows else None
         print(f"\n| {args.num_samples} images, EMA weights | FID per seed ({', '.join(map(str, args.seeds))}) "
-              f"| mean | vs DDPM-1000 | s/image |\n| --- | --- | --- | --- | --- |")
+              f"| mean | vs DDPM-1000 | all {len(args.seeds) * args.num_samples} images | vs DDPM-1000 "
+              f"| s/image |\n| --- | --- | --- | --- | --- | --- | --- |")
         for name, row in rows.items():
-            mean = statistics.mean(row["fids"])
-            versus = f"{100 * (mean / reference - 1):+.0f}%" if reference and name != "DDPM-1000" else "-"
             speed = f"{row['seconds_per_image']:.4f}" if row["seconds_per_image"] else "-"
-            print(f"| {name} | {' / '.join(f'{fid:.2f}' for fid in row['fids'])} | {mean:.2f} | {versus} | {speed} |")
+            print(f"| {name} | {' / '.join(f'{fid:.2f}' for fid in row['fids'])} | {row['mean']:.2f} "
+                  f"| {versus(rows, name, 'mean')} | {row['pooled']:.3f} | {versus(rows, name, 'pooled')} "
+                  f"| {speed} |")
         if args.picture:
             picture(Path(args.fid_dir), [name for name in rows if name != "training images"], args.picture)
 
