@@ -17,9 +17,9 @@ present x_0 alone is DDIM (first order), one through the x_0 of the last k steps
 (of order k, but see DPM-Solver++(3M); UniPC's corrector adds one), one network evaluation (NFE)
 per step. The last step, from tau_0 to the data (alpha = 1, sigma = 0,
 lambda = +inf, diffusers' final_sigmas_type="zero"), is first order: e^{-h} = 0 there and it
-returns the x_0 predicted at tau_0. DPM-Solver++ also solves, with eta > 0, the reverse SDEs
-of the same marginals (Karras et al. 2022, Eq. 6, in lambda), its noise optionally only near
-the data (eta_min_snr).
+returns the x_0 predicted at tau_0. Both also solve, with eta > 0, the reverse SDEs of the
+same marginals (Karras et al. 2022, Eq. 6, in lambda), their noise optionally only near the data
+(eta_min_snr).
 
 Both samplers are generators that the caller drives; every tensor is [B, C, H, W] in x's dtype,
 every coefficient is computed in float64 and cast when used (0-dim tensors, which torch applies
@@ -155,9 +155,11 @@ def _noise_scale(schedule, i, eta):
     return sigma_t[i + 1] * (-torch.expm1(-2. * eta * (lambda_t[i + 1] - lambda_t[i]))).sqrt()
 
 
-# UniPC (Zhao et al. 2023, arXiv:2302.04867), B(h) = e^h - 1 ("bh2"), data prediction.
+# UniPC (Zhao et al. 2023, arXiv:2302.04867), B(h) = e^h - 1 ("bh2"), data prediction; with eta > 0
+# on the reverse SDEs of dpm_solver_pp, its corrector re-using the predictor's noise, as the
+# stochastic predictor-corrector of SA-Solver (Xue et al. 2023, arXiv:2309.05019) does.
 
-def unipc(data_prediction, x, alphas_bar, order=2):
+def unipc(data_prediction, x, alphas_bar, order=2, eta=0., eta_min_snr=0., noise=torch.randn_like):
     """UniPC-p, p = `order` in 1..3: S steps of one NFE each from x = x_T at position S-1 of
     alphas_bar (float64 [S], abar at tau_0 < .. < tau_{S-1}) to the data.
 
@@ -171,24 +173,33 @@ def unipc(data_prediction, x, alphas_bar, order=2):
     (Sec. 3.2) from the corrected x_t. The predictor's order is min(p, steps taken + 1, steps
     left), as diffusers' UniPCMultistepScheduler(lower_order_final=True): 1 on the last step,
     at most 2 on the one before. Where the corrector acts, the scheme is of order p + 1
-    (Theorem 3.1); the last prediction is not corrected, since no evaluation follows it."""
+    (Theorem 3.1); the last prediction is not corrected, since no evaluation follows it.
+
+    eta and eta_min_snr as in dpm_solver_pp: each step of eta > 0 solves that reverse SDE (the
+    ODE's update at (1 + eta) h, see _unified_update) and adds the noise of _noise_scale; the
+    corrector redoes the step with the same noise, so only the x_0 polynomial changes."""
     schedule, steps = _schedule(alphas_bar), len(alphas_bar)
+    step_etas = _step_etas(schedule, eta, eta_min_snr)
     history = []  # (i, x_0) of the last `order` points, the latest last
-    x_previous, step_order = None, 0  # where the last step started (corrected), and its order
-    for i in range(steps):
+    x_previous, step_order, step_noise = None, 0, 0.  # the last step's start (corrected), order and noise
+    for i, step_eta in enumerate(step_etas):
         x_0 = data_prediction(x, steps - 1 - i)
         x_t = x
         if i > 0:  # UniC: the last step again, with this x_0 as its newest point (r = 1)
             others = history[-step_order:-1] + [(i, x_0)]
-            x = _unified_update(x_previous, history[-1], others, i, schedule)
+            x = _unified_update(x_previous, history[-1], others, i, schedule, step_etas[i - 1]) + step_noise
         history = (history + [(i, x_0)])[-order:]
         step_order = min(order, i + 1, steps - i)
-        x_next = _unified_update(x, history[-1], history[-step_order:-1], i + 1, schedule)
+        x_next = _unified_update(x, history[-1], history[-step_order:-1], i + 1, schedule, step_eta)
+        step_noise = 0.
+        if step_eta > 0 and i < steps - 1:
+            step_noise = _as(_noise_scale(schedule, i, step_eta), x) * noise(x)
+            x_next = x_next + step_noise
         yield x_t, x_0, x_next
         x_previous, x = x, x_next
 
 
-def _unified_update(x, base, others, target, schedule):
+def _unified_update(x, base, others, target, schedule, eta=0.):
     """UniP and UniC in one form: from point s (base = (s, x_0)) to point `target`, with the
     x_0 of `others` ((m, x_0_m) each; earlier points for UniP-p, p - 1 of them; for UniC-p the
     p - 1 earlier points and then the target itself). In data prediction the step in the
@@ -198,27 +209,37 @@ def _unified_update(x, base, others, target, schedule):
         x_next = (sigma_next / sigma_s) x_s - alpha_next (e^{-h} - 1) (x_0 + sum_m rho_m D_m)
 
     rho solves R rho = g / B(h) (Theorem 3.1, see `_unipc_rho`). UniP-2 (rho = 1/2, r = -r_0)
-    is DPM-Solver++(2M)."""
+    is DPM-Solver++(2M).
+
+    With eta > 0 the step is the reverse SDE's of _dpm_solver_pp_step without its noise: x_s
+    decays by e^{-eta h} more, and h becomes H = (1 + eta) h in B and rho (the r_m unchanged).
+    UniC-1 then takes the exact rho = g_1 / B(H) for its one point, the new x_0, not the 1/2
+    that is its limit as H -> 0: at a large H the kernel weighs x_0 near the new point (rho
+    0.82 at H = 5.5), and 1/2 would give the new x_0 too little weight. UniP-2 keeps 1/2: with
+    the exact rho it extrapolates x_0 further through the past, noisy steps, which scored FID
+    1.77 against 1.18 (benchmarks/RESULTS.md)."""
     alpha_t, sigma_t, lambda_t = schedule
     s, x_0 = base
     h = lambda_t[target] - lambda_t[s]
+    stretched = (1. + eta) * h
     x_0_combined = x_0
     if others:
         r = torch.stack([(lambda_t[m] - lambda_t[s]) / h for m, _ in others])
-        rho = _unipc_rho(h, r)
+        rho = _unipc_rho(stretched, r, exact=eta > 0 and others[-1][0] == target)
         for (_, x_0_m), rho_m, r_m in zip(others, rho, r):
             x_0_combined = x_0_combined + _as(rho_m / r_m, x) * (x_0_m - x_0)
-    x_next = _as(sigma_t[target] / sigma_t[s], x) * x
-    return x_next - _as(alpha_t[target] * torch.expm1(-h), x) * x_0_combined
+    decay = torch.exp(-eta * h) if eta > 0 else 1.  # (eta = 0 on the last step: 0 * inf)
+    x_next = _as(sigma_t[target] / sigma_t[s] * decay, x) * x
+    return x_next - _as(alpha_t[target] * torch.expm1(-stretched), x) * x_0_combined
 
 
-def _unipc_rho(h, r):
+def _unipc_rho(h, r, exact=False):
     """rho [n] for the points at r [n]: the solution of the Vandermonde system R rho = g / B(h),
     R_{k m} = r_m^k (k = 0 .. n-1), g_k = k! (-h) phi_{k+1}(-h) (k = 1 .. n), B(h) = e^{-h} - 1.
-    For n = 1 (UniP-2, UniC-1) rho = 1/2, the system's limit as h -> 0, of the same order and
-    what the authors' code and diffusers use."""
+    For n = 1 (UniP-2, UniC-1) rho = 1/2 unless `exact`, the system's limit as h -> 0, of the
+    same order and what the authors' code and diffusers use."""
     n = len(r)
-    if n == 1:
+    if n == 1 and not exact:
         return torch.full((1,), 0.5, dtype=torch.float64, device=h.device)
     hh = -h
     b_h = torch.expm1(hh)

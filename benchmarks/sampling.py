@@ -56,6 +56,15 @@ SOLVERS = (("DPM-Solver++", "dpmsolver++"), ("UniPC", "unipc"))
 NOISE_ROWS = ([(steps, eta, snr) for steps in (10, 15, 20, 25) for eta, snr in ((1., 0.), (10., 1.), (10., 0.1))]
               + [(15, 2., 0.), (15, 5., 1.), (20, 2., 0.), (20, 1., 0.1), (20, 3., 0.03), (20, 3., 0.1),
                  (20, 3., 0.3), (20, 10., 0.3), (20, 5., 1.), (20, 10., 3.), (25, 5., 1.), (10, 5., 1.)])
+UNIPC_NOISE_ROWS = [(steps, 10., 0.1) for steps in (10, 15, 20, 25)] + [(10, 10., 1.), (20, 1., 0.)]
+
+
+def noise_rows(name, sampler, rows):
+    """{row name: config} of `sampler` with the noise of each (NFE, eta, eta_min_snr) of `rows`."""
+    return {f"{name}-{steps} eta {eta:g}" + (f" from SNR {snr:g}" if snr else ""):
+            {"sampler": sampler, "sample_steps": steps, "eta": eta, "eta_min_snr": snr} for steps, eta, snr in rows}
+
+
 SAMPLERS = {"DDPM-1000": {"sampler": "ddpm", "sample_steps": None},
             "DDIM-100": {"sampler": "ddim", "sample_steps": 100, "eta": 0.},
             "DDIM-25": {"sampler": "ddim", "sample_steps": 25, "eta": 0.},
@@ -66,14 +75,14 @@ SAMPLERS = {"DDPM-1000": {"sampler": "ddpm", "sample_steps": None},
                for name, sampler in SOLVERS for steps in (10, 20)},
             **{f"{name}-10 {skip_type}": {"sampler": sampler, "sample_steps": 10, "skip_type": skip_type}
                for name, sampler in SOLVERS for skip_type in ("uniform", "quadratic")},
-            # DPM-Solver++ with noise: eta 1 is SDE-DPM-Solver++ (on every step but the last);
-            # "from SNR s" adds it only on the steps from SNR_t >= s (eta_min_snr) on
-            **{f"DPM-Solver++-{steps} eta {eta:g}" + (f" from SNR {snr:g}" if snr else ""):
-               {"sampler": "dpmsolver++", "sample_steps": steps, "eta": eta, "eta_min_snr": snr}
-               for steps, eta, snr in NOISE_ROWS},
+            # with noise: eta 1 is SDE-DPM-Solver++ (on every step but the last); "from SNR s" adds
+            # it only on the steps from SNR_t >= s (eta_min_snr) on; UniPC's corrector re-uses it
+            **noise_rows("DPM-Solver++", "dpmsolver++", NOISE_ROWS),
+            **noise_rows("UniPC", "unipc", UNIPC_NOISE_ROWS),
             # refused by Main.py's checks (eta above 1 with order 3), measured to show why
-            "DPM-Solver++-20 eta 10 from SNR 1 order 3": {"sampler": "dpmsolver++", "sample_steps": 20, "eta": 10.,
-                                                          "eta_min_snr": 1., "solver_order": 3}}
+            **{f"{name}-20 eta 10 from SNR {snr:g} order 3": {"sampler": sampler, "sample_steps": 20, "eta": 10.,
+                                                             "eta_min_snr": snr, "solver_order": 3}
+               for name, sampler, snr in (("DPM-Solver++", "dpmsolver++", 1.), ("UniPC", "unipc", 0.1))}}
 SPEED_SAMPLERS = ("DDPM-1000", "DDIM-100", "DDIM-25", "DPM-Solver++-20", "UniPC-10")
 
 

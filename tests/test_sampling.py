@@ -231,9 +231,10 @@ def test_sampler_of_passes_variance_eta_and_clipping():
     ddim = sampler_of(config_of(sampler="ddim", eta=0.5), KnownEps())
     assert ddim.eta == 0.5 and ddim.sigmas[1:].min() > 0
     x_T = torch.randn(2, 3, 4, 4)
-    for eta, different in ((0., False), (1., True)):  # the ODE, or fresh noise at every step
-        solver = sampler_of(config_of(sampler="dpmsolver++", sample_steps=5, eta=eta), KnownEps(scale=0.3))
-        assert (torch.equal(solver(x_T, progress=False), solver(x_T, progress=False))) != different
+    for name in ("dpmsolver++", "unipc"):
+        for eta, different in ((0., False), (1., True)):  # the ODE, or fresh noise at every step
+            solver = sampler_of(config_of(sampler=name, sample_steps=5, eta=eta), KnownEps(scale=0.3))
+            assert (torch.equal(solver(x_T, progress=False), solver(x_T, progress=False))) != different
 
 
 # --- the new keys' checks -------------------------------------------------------------------
@@ -242,10 +243,11 @@ def test_sampler_of_passes_variance_eta_and_clipping():
 @pytest.mark.parametrize("changes, says", [
     ({"sample_steps": 0}, "sample_steps"), ({"sample_steps": 11}, "T = 10"),
     ({"eta": 1.5}, "eta"), ({"eta": -0.1}, "eta"),
-    ({"sampler": "unipc", "eta": 0.5}, "--sampler dpmsolver++ --eta 0.5"), ({"eta": 1.}, "not to sampler ddpm"),
+    ({"eta": 0.5}, "--sampler unipc --eta 0.5"), ({"eta": 1.}, "not to sampler ddpm"),
     ({"sampler": "ddim", "eta": 2.}, "eta of ddim"), ({"sampler": "dpmsolver++", "eta": float("inf")}, "eta"),
     ({"sampler": "dpmsolver++", "eta": 5., "eta_min_snr": -1.}, "eta_min_snr"),
     ({"sampler": "dpmsolver++", "eta": 5., "solver_order": 3}, "--solver_order 2"),
+    ({"sampler": "unipc", "eta": 5., "solver_order": 3}, "--solver_order 2"),
     ({"sampler": "dpmsolver++", "eta_min_snr": 1.}, "with eta 0.0"), ({"sampler": "ddim", "eta": 1., "eta_min_snr": 1.}, "ddim"),
     ({"process_frames": 1}, "process_frames"), ({"process_frames": -2}, "process_frames"),
     ({"num_samples": -1}, "num_samples"), ({"sampledProcessGifName": "process.png"}, ".gif"),
@@ -265,7 +267,8 @@ def test_out_of_range_sampling_keys_are_refused_before_any_work(tiny_config, cha
 
 
 @pytest.mark.parametrize("script, sampler, noise", [("Main.py", "dpmsolver++", {}), ("MainCondition.py", "unipc", {}),
-                                                    ("MainCondition.py", "dpmsolver++", {"eta": 5., "eta_min_snr": 1.})])
+                                                    ("MainCondition.py", "dpmsolver++", {"eta": 5., "eta_min_snr": 1.}),
+                                                    ("Main.py", "unipc", {"eta": 10., "eta_min_snr": 0.1})])
 def test_eval_with_a_solver_writes_the_grids_the_process_and_its_gif(script, sampler, noise, trained_unconditional,
                                                                       trained_conditional, tmp_path):
     trained = trained_unconditional if script == "Main.py" else trained_conditional

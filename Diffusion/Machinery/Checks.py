@@ -109,25 +109,26 @@ def training_options(config):
 
 
 def _noise_options(config):
-    """eta and eta_min_snr: the noise of ddim and dpmsolver++."""
+    """eta and eta_min_snr: the noise of ddim and of the solvers."""
     eta, min_snr, sampler = config["eta"], config["eta_min_snr"], config["sampler"]
+    solvers = ("dpmsolver++", "unipc")
     if not (eta >= 0 and math.isfinite(eta)):
         return f"eta must be 0 (deterministic) or more, not {eta}."
     if sampler == "ddim" and eta > 1:
         return (f"eta of ddim must be between 0 (deterministic) and 1 (DDPM's posterior variance), "
-                f"not {eta}: for more noise use --sampler dpmsolver++ --eta {eta}.")
-    if eta > 0 and sampler not in ("ddim", "dpmsolver++"):
-        return (f"eta {eta} adds noise to ddim and dpmsolver++ only, not to sampler {sampler}: use "
-                f"--sampler dpmsolver++ --eta {eta} for a fast stochastic sampler, or eta 0.")
-    if sampler == "dpmsolver++" and eta > 1 and config["solver_order"] == 3:
+                f"not {eta}: for more noise use --sampler unipc --eta {eta}.")
+    if eta > 0 and sampler not in ("ddim", *solvers):
+        return (f"eta {eta} adds noise to ddim, dpmsolver++ and unipc only, not to sampler {sampler}: use "
+                f"--sampler unipc --eta {eta} for a fast stochastic sampler, or eta 0.")
+    if sampler in solvers and eta > 1 and config["solver_order"] == 3:
         return (f"solver_order 3 with eta {eta} extrapolates x_0 quadratically through noisy steps "
-                f"(FID 8.3 against 1.2 for order 2 at eta 10, benchmarks/RESULTS.md): use "
+                f"(FID 8.3 and 18.1 against 1.2 for order 2 at eta 10, benchmarks/RESULTS.md): use "
                 f"--solver_order 2, or eta 1 or less.")
     if not (min_snr >= 0 and math.isfinite(min_snr)):
         return f"eta_min_snr must be 0 (noise on every step) or more, not {min_snr}."
-    if min_snr > 0 and not (sampler == "dpmsolver++" and eta > 0):
-        return (f"eta_min_snr {min_snr} limits the noise of dpmsolver++ with eta > 0, not of "
-                f"sampler {sampler} with eta {eta}: use --sampler dpmsolver++ --eta 5 "
+    if min_snr > 0 and not (sampler in solvers and eta > 0):
+        return (f"eta_min_snr {min_snr} limits the noise of dpmsolver++ and unipc with eta > 0, not of "
+                f"sampler {sampler} with eta {eta}: use --sampler unipc --eta 10 "
                 f"--eta_min_snr {min_snr}, or eta_min_snr 0.")
 
 

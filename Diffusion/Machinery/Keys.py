@@ -99,10 +99,10 @@ KEYS = {
                    SAMPLERS),
     "sample_steps": Key(None, "network evaluations per sample (NFE), the timesteps visited out of T "
                               "(None: all T)", kind=int),
-    "eta": Key(0., "noise of ddim (0 to 1) and dpmsolver++ (0 or more): 0 deterministic (the ODE), "
-                   "1 as DDPM's posterior (dpmsolver++: SDE-DPM-Solver++)"),
-    "eta_min_snr": Key(0., "dpmsolver++ adds eta's noise only on steps from SNR_t = abar_t / (1 - "
-                           "abar_t) >= eta_min_snr, near the data (0: on every step)"),
+    "eta": Key(0., "noise of ddim (0 to 1), dpmsolver++ and unipc (0 or more): 0 deterministic (the "
+                   "ODE), 1 as DDPM's posterior (dpmsolver++: SDE-DPM-Solver++)"),
+    "eta_min_snr": Key(0., "dpmsolver++ and unipc add eta's noise only on steps from SNR_t = abar_t / "
+                           "(1 - abar_t) >= eta_min_snr, near the data (0: on every step)"),
     "skip_type": Key(None, "which sample_steps timesteps are visited: uniform or quadratic in t (as "
                            "DDIM), logSNR: uniform in log(alpha_t / sigma_t) (None: logSNR for "
                            "dpmsolver++ and unipc, uniform for the others)",

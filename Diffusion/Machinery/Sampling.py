@@ -7,7 +7,8 @@
              "dpmsolver++"  DPM-Solver++ (Lu et al. 2022), multistep, of solver_order; with
                             eta > 0 its stochastic form (SDE-DPM-Solver++ at eta = 1), its
                             noise only where SNR_t >= eta_min_snr
-             "unipc"        UniPC (Zhao et al. 2023), predictor-corrector, of solver_order
+             "unipc"        UniPC (Zhao et al. 2023), predictor-corrector, of solver_order;
+                            with eta > 0 on the same SDEs, eta_min_snr likewise
     skip_type:              which sample_steps of the T timesteps are visited: "uniform" or
                             "quadratic" in t, or "logSNR" (uniform in log(alpha_t / sigma_t));
                             None: logSNR for the solvers, uniform for the others
@@ -48,11 +49,8 @@ def timesteps_of(config):
 
 
 def solver_of(config):
-    """The solver function of config["sampler"], with DPM-Solver++'s noise (eta, eta_min_snr)
-    bound; UniPC has none."""
-    if config["sampler"] == "dpmsolver++":
-        return partial(dpm_solver_pp, eta=config["eta"], eta_min_snr=config["eta_min_snr"])
-    return SOLVERS[config["sampler"]]
+    """The solver function of config["sampler"], with its noise (eta, eta_min_snr) bound."""
+    return partial(SOLVERS[config["sampler"]], eta=config["eta"], eta_min_snr=config["eta_min_snr"])
 
 
 def sampler_of(config, network):
