@@ -65,24 +65,40 @@ def sampling_timesteps(T, steps, skip_type="uniform"):
     return torch.cummax(quadratic - offsets, dim=0).values + offsets
 
 
-def logsnr_timesteps(alphas_bar, steps):
+def logsnr_timesteps(alphas_bar, steps, split_snr=0.):
     """`steps` timesteps of a schedule of T, long [steps], ascending, uniform in lambda_t: the
     values evenly spaced from lambda(T-1) to lambda(0), each mapped back to a real t on the
     piecewise-linear lambda(t) of the discrete schedule and rounded. Where rounding repeats a
     step (near t = 0, where one step spans more lambda than the spacing), each repeat is moved one
     past its predecessor, as sampling_timesteps does, and where that would run past T-1 the ones
     before are held back, so that the result always holds 0 and T-1 (steps == T: every step;
-    steps == 1: T-1 alone). alphas_bar: float64 [T], of the full schedule."""
+    steps == 1: T-1 alone). alphas_bar: float64 [T], of the full schedule.
+
+    split_snr > 0 inside the schedule's SNR range (the solvers' noise window, eta_min_snr): half
+    the steps (steps // 2) uniform in lambda below lambda_split = log(split_snr) / 2, the others
+    uniform from it to lambda(0), the first of those at the largest t whose SNR is at least
+    split_snr (rounded down), so that every step from there on draws noise."""
     T = len(alphas_bar)
     if not 1 <= steps <= T:
         raise ValueError(f"logsnr_timesteps: steps must be between 1 and T = {T} (one network "
                          f"evaluation per visited timestep), got {steps}")
     lambda_t = 0.5 * (alphas_bar.log() - torch.log1p(-alphas_bar))  # falls with t
-    fractions = torch.linspace(0., 1., steps, dtype=torch.float64, device=alphas_bar.device)
-    targets = (lambda_t[-1] + (lambda_t[0] - lambda_t[-1]) * fractions).flip(0)  # ascending t
-    t = inverse_lambda(lambda_t, targets).round().long()
+    split = 0.5 * math.log(split_snr) if split_snr > 0 else -math.inf
+    below = steps // 2 if steps >= 3 and lambda_t[-1] < split < lambda_t[0] else 0
+    high = _evenly(split if below else lambda_t[-1], lambda_t[0], steps - below)
+    low = _evenly(lambda_t[-1], split, below + 1)[:-1]
+    t = inverse_lambda(lambda_t, torch.cat([low, high]).flip(0)).round().long()  # ascending t
+    if below:
+        t[steps - below - 1] = inverse_lambda(lambda_t, high[:1]).floor().long()
     offsets = torch.arange(steps, device=alphas_bar.device)
     return torch.cummax(t - offsets, dim=0).values.clamp(max=T - steps) + offsets
+
+
+def _evenly(start, end, count):
+    """`count` values evenly spaced from start to end (tensors or floats), float64 [count], on
+    the device of `end`."""
+    end = torch.as_tensor(end, dtype=torch.float64)
+    return start + (end - start) * torch.linspace(0., 1., count, dtype=torch.float64, device=end.device)
 
 
 def inverse_lambda(lambda_t, targets):

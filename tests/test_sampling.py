@@ -213,6 +213,10 @@ def test_sampler_of_runs_the_solvers_through_the_samplers_denoise(sampler, solve
     assert isinstance(built, SolverSampler) and built.order == 3
     assert torch.equal(built.timesteps, logsnr_timesteps(alphas_bar, 10))
     assert sampler_of({**config, "skip_type": "uniform"}, KnownEps()).timesteps.tolist() == list(range(0, 1000, 100))
+    windowed = {**config, "solver_order": 2, "eta": 10., "eta_min_snr": 0.1}  # half of the steps below SNR 0.1
+    assert torch.equal(sampler_of(windowed, KnownEps()).timesteps, logsnr_timesteps(alphas_bar, 10, 0.1))
+    assert torch.equal(sampler_of({**windowed, "skip_type": "logSNR"}, KnownEps()).timesteps,
+                       logsnr_timesteps(alphas_bar, 10))
 
     def data_prediction(x, index):
         t = built.timesteps[index].expand(x.shape[0])

@@ -302,3 +302,28 @@ def test_logsnr_timesteps_of_every_step_is_every_step():
 def test_logsnr_timesteps_refuses_a_step_count_outside_1_to_T(steps):
     with pytest.raises(ValueError, match=f"between 1 and T = {T}.*got {steps}"):
         logsnr_timesteps(ALPHAS_BAR, steps)
+
+
+@pytest.mark.parametrize("steps", [3, 10, 15, 20, 25])
+@pytest.mark.parametrize("split_snr", [0.1, 1.])
+def test_logsnr_timesteps_split_puts_half_the_steps_below_the_split_snr(steps, split_snr):
+    """With split_snr: steps // 2 timesteps below it (SNR < split_snr), uniform in lambda from
+    lambda(T-1) on, and the others uniform from the largest t whose SNR >= split_snr to t = 0."""
+    timesteps = logsnr_timesteps(ALPHAS_BAR, steps, split_snr)
+    assert len(timesteps) == steps and timesteps[0] == 0 and timesteps[-1] == T - 1 and (timesteps.diff() > 0).all()
+    snr = (ALPHAS_BAR / (1. - ALPHAS_BAR))[timesteps]
+    above = int((snr >= split_snr).sum())
+    assert steps - above == steps // 2 and (snr[:above] >= split_snr).all()
+    split_t = int(timesteps[above - 1])
+    assert ALPHAS_BAR[split_t + 1] / (1. - ALPHAS_BAR[split_t + 1]) < split_snr  # the largest such t
+    split = 0.5 * np.log(split_snr)
+    below_targets = np.linspace(LAMBDA[-1], split, steps // 2 + 1)[:-1]
+    above_targets = np.linspace(split, LAMBDA[0], above)
+    nearest = np.rint(np.interp(-np.concatenate([below_targets, above_targets])[::-1], -LAMBDA, np.arange(T)))
+    nearest[above - 1] = split_t
+    assert np.array_equal(timesteps.numpy(), nearest)  # coarse enough that none is moved
+
+
+@pytest.mark.parametrize("split_snr", [0., 1e-6, 1e5])
+def test_logsnr_timesteps_split_outside_the_schedule_is_no_split(split_snr):
+    assert torch.equal(logsnr_timesteps(ALPHAS_BAR, 20, split_snr), logsnr_timesteps(ALPHAS_BAR, 20))
