@@ -85,8 +85,8 @@ def logsnr_timesteps(alphas_bar, steps, split_snr=0.):
     lambda_t = 0.5 * (alphas_bar.log() - torch.log1p(-alphas_bar))  # falls with t
     split = 0.5 * math.log(split_snr) if split_snr > 0 else -math.inf
     below = steps // 2 if steps >= 3 and lambda_t[-1] < split < lambda_t[0] else 0
-    high = _evenly(split if below else lambda_t[-1], lambda_t[0], steps - below)
-    low = _evenly(lambda_t[-1], split, below + 1)[:-1]
+    high = _evenly(split if below else lambda_t[-1], lambda_t[0], steps - below, alphas_bar.device)
+    low = _evenly(lambda_t[-1], split, below + 1, alphas_bar.device)[:-1]
     t = inverse_lambda(lambda_t, torch.cat([low, high]).flip(0)).round().long()  # ascending t
     if below:
         t[steps - below - 1] = inverse_lambda(lambda_t, high[:1]).floor().long()
@@ -94,11 +94,9 @@ def logsnr_timesteps(alphas_bar, steps, split_snr=0.):
     return torch.cummax(t - offsets, dim=0).values.clamp(max=T - steps) + offsets
 
 
-def _evenly(start, end, count):
-    """`count` values evenly spaced from start to end (tensors or floats), float64 [count], on
-    the device of `end`."""
-    end = torch.as_tensor(end, dtype=torch.float64)
-    return start + (end - start) * torch.linspace(0., 1., count, dtype=torch.float64, device=end.device)
+def _evenly(start, end, count, device):
+    """`count` values evenly spaced from start to end (floats or 0-dim tensors), float64 [count]."""
+    return start + (end - start) * torch.linspace(0., 1., count, dtype=torch.float64, device=device)
 
 
 def inverse_lambda(lambda_t, targets):
