@@ -61,7 +61,7 @@ UNIPC_NOISE_ROWS = [(steps, 10., 0.1) for steps in (10, 15, 20, 25)] + [(10, 10.
 
 def noise_rows(name, sampler, rows, skip_type="logSNR", label=""):
     """{row name: config} of `sampler` with the noise of each (NFE, eta, eta_min_snr) of `rows`,
-    on timesteps uniform in log-SNR (skip_type None: half of them on each side of eta_min_snr)."""
+    on timesteps uniform in log-SNR (logSNR_split: half of them on each side of eta_min_snr)."""
     return {f"{name}-{steps} eta {eta:g}" + (f" from SNR {snr:g}" if snr else "") + label:
             {"sampler": sampler, "sample_steps": steps, "eta": eta, "eta_min_snr": snr, "skip_type": skip_type}
             for steps, eta, snr in rows}
@@ -81,9 +81,10 @@ SAMPLERS = {"DDPM-1000": {"sampler": "ddpm", "sample_steps": None},
             # it only on the steps from SNR_t >= s (eta_min_snr) on; UniPC's corrector re-uses it
             **noise_rows("DPM-Solver++", "dpmsolver++", NOISE_ROWS),
             **noise_rows("UniPC", "unipc", UNIPC_NOISE_ROWS),
-            # the solvers' own timesteps with a noise window (skip_type None): half of the steps below it
-            **noise_rows("DPM-Solver++", "dpmsolver++", [(10, 10., 0.1), (20, 10., 0.1)], None, " half below"),
-            **noise_rows("UniPC", "unipc", [(steps, 10., 0.1) for steps in (10, 15, 20, 25)], None, " half below"),
+            # skip_type logSNR_split: half of the steps below the noise window
+            **noise_rows("DPM-Solver++", "dpmsolver++", [(10, 10., 0.1), (20, 10., 0.1)], "logSNR_split", " half below"),
+            **noise_rows("UniPC", "unipc", [(steps, 10., 0.1) for steps in (10, 15, 20, 25)], "logSNR_split",
+                         " half below"),
             # refused by Main.py's checks (eta above 1 with order 3), measured to show why
             **{f"{name}-20 eta 10 from SNR {snr:g} order 3": {"sampler": sampler, "sample_steps": 20, "eta": 10.,
                                                              "eta_min_snr": snr, "solver_order": 3}

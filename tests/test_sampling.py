@@ -213,10 +213,10 @@ def test_sampler_of_runs_the_solvers_through_the_samplers_denoise(sampler, solve
     assert isinstance(built, SolverSampler) and built.order == 3
     assert torch.equal(built.timesteps, logsnr_timesteps(alphas_bar, 10))
     assert sampler_of({**config, "skip_type": "uniform"}, KnownEps()).timesteps.tolist() == list(range(0, 1000, 100))
-    windowed = {**config, "solver_order": 2, "eta": 10., "eta_min_snr": 0.1}  # half of the steps below SNR 0.1
-    assert torch.equal(sampler_of(windowed, KnownEps()).timesteps, logsnr_timesteps(alphas_bar, 10, 0.1))
-    assert torch.equal(sampler_of({**windowed, "skip_type": "logSNR"}, KnownEps()).timesteps,
-                       logsnr_timesteps(alphas_bar, 10))
+    windowed = {**config, "solver_order": 2, "eta": 10., "eta_min_snr": 0.1}
+    assert torch.equal(sampler_of(windowed, KnownEps()).timesteps, logsnr_timesteps(alphas_bar, 10))
+    assert torch.equal(sampler_of({**windowed, "skip_type": "logSNR_split"}, KnownEps()).timesteps,
+                       logsnr_timesteps(alphas_bar, 10, 0.1))  # half of the steps below SNR 0.1
 
     def data_prediction(x, index):
         t = built.timesteps[index].expand(x.shape[0])
@@ -252,6 +252,8 @@ def test_sampler_of_passes_variance_eta_and_clipping():
     ({"sampler": "dpmsolver++", "eta": 5., "eta_min_snr": -1.}, "eta_min_snr"),
     ({"sampler": "dpmsolver++", "eta": 5., "solver_order": 3}, "--solver_order 2"),
     ({"sampler": "unipc", "eta": 5., "solver_order": 3}, "--solver_order 2"),
+    ({"sampler": "unipc", "skip_type": "logSNR_split"}, "skip_type logSNR_split"),
+    ({"sampler": "ddim", "eta": 1., "skip_type": "logSNR_split"}, "skip_type logSNR_split"),
     ({"sampler": "dpmsolver++", "eta_min_snr": 1.}, "with eta 0.0"), ({"sampler": "ddim", "eta": 1., "eta_min_snr": 1.}, "ddim"),
     ({"process_frames": 1}, "process_frames"), ({"process_frames": -2}, "process_frames"),
     ({"num_samples": -1}, "num_samples"), ({"sampledProcessGifName": "process.png"}, ".gif"),

@@ -109,7 +109,7 @@ def training_options(config):
 
 
 def _noise_options(config):
-    """eta and eta_min_snr: the noise of ddim and of the solvers."""
+    """eta, eta_min_snr and skip_type logSNR_split: the noise of ddim and of the solvers."""
     eta, min_snr, sampler = config["eta"], config["eta_min_snr"], config["sampler"]
     solvers = ("dpmsolver++", "unipc")
     if not (eta >= 0 and math.isfinite(eta)):
@@ -126,6 +126,10 @@ def _noise_options(config):
                 f"--solver_order 2, or eta 1 or less.")
     if not (min_snr >= 0 and math.isfinite(min_snr)):
         return f"eta_min_snr must be 0 (noise on every step) or more, not {min_snr}."
+    if config["skip_type"] == "logSNR_split" and not (sampler in solvers and min_snr > 0):
+        return (f"skip_type logSNR_split splits the steps at eta_min_snr, the noise window of "
+                f"dpmsolver++ and unipc, not of sampler {sampler} with eta_min_snr {min_snr}: use "
+                f"--sampler unipc --eta 10 --eta_min_snr 0.1, or skip_type logSNR.")
     if min_snr > 0 and not (sampler in solvers and eta > 0):
         return (f"eta_min_snr {min_snr} limits the noise of dpmsolver++ and unipc with eta > 0, not of "
                 f"sampler {sampler} with eta {eta}: use --sampler unipc --eta 10 "

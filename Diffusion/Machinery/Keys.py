@@ -104,10 +104,10 @@ KEYS = {
     "eta_min_snr": Key(0., "dpmsolver++ and unipc add eta's noise only on steps from SNR_t = abar_t / "
                            "(1 - abar_t) >= eta_min_snr, near the data (0: on every step)"),
     "skip_type": Key(None, "which sample_steps timesteps are visited: uniform or quadratic in t (as "
-                           "DDIM), logSNR: uniform in log(alpha_t / sigma_t) (None: logSNR for "
-                           "dpmsolver++ and unipc, half of the steps on each side of eta_min_snr "
-                           "when it is set; uniform for the others)",
-                     ("uniform", "quadratic", "logSNR"), kind=str),
+                           "DDIM), logSNR: uniform in log(alpha_t / sigma_t), logSNR_split: that, "
+                           "half of the steps on each side of eta_min_snr (None: logSNR for "
+                           "dpmsolver++ and unipc, uniform for the others)",
+                     ("uniform", "quadratic", "logSNR", "logSNR_split"), kind=str),
     "solver_order": Key(2, "order of dpmsolver++ and unipc: the x_0 of how many steps each step "
                            "uses (1: DDIM; 2, the default; 3)", (1, 2, 3)),
     "variance": Key("fixedlarge", "sigma_t^2 of ddpm: fixedlarge beta_t (the original) or "

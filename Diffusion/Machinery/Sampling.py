@@ -10,9 +10,9 @@
              "unipc"        UniPC (Zhao et al. 2023), predictor-corrector, of solver_order;
                             with eta > 0 on the same SDEs, eta_min_snr likewise
     skip_type:              which sample_steps of the T timesteps are visited: "uniform" or
-                            "quadratic" in t, or "logSNR" (uniform in log(alpha_t / sigma_t));
-                            None: logSNR for the solvers (with eta_min_snr, half of the steps on
-                            each side of it), uniform for the others
+                            "quadratic" in t, or "logSNR" (uniform in log(alpha_t / sigma_t)),
+                            "logSNR_split" (that, half of the steps on each side of eta_min_snr);
+                            None: logSNR for the solvers, uniform for the others
 sample_steps is the number of network evaluations (NFE) of a sample.
 """
 from functools import partial
@@ -41,13 +41,13 @@ def skip_type_of(config):
 
 
 def timesteps_of(config):
-    """The timesteps the configured sampler visits, long [steps_of(config)]. A solver's own
-    (skip_type None) with a noise window gives the ODE below eta_min_snr half of the steps: with
-    uniform log-SNR it would get fewer (8 of 20), which scored worse (benchmarks/RESULTS.md)."""
-    if skip_type_of(config) == "logSNR":
+    """The timesteps the configured sampler visits, long [steps_of(config)]. logSNR_split gives
+    the ODE below eta_min_snr half of the steps, where uniform log-SNR gives it fewer (8 of 20),
+    which scored worse at 10 and 20 NFE (benchmarks/RESULTS.md)."""
+    if skip_type_of(config) in ("logSNR", "logSNR_split"):
         betas = betas_of(config["beta_schedule"], config["beta_1"], config["beta_T"], config["T"])
         alphas_bar = torch.cumprod(1. - betas, dim=0)
-        split_snr = config["eta_min_snr"] if config["skip_type"] is None else 0.
+        split_snr = config["eta_min_snr"] if config["skip_type"] == "logSNR_split" else 0.
         return logsnr_timesteps(alphas_bar, steps_of(config), split_snr)
     return sampling_timesteps(config["T"], steps_of(config), skip_type_of(config))
 
