@@ -83,13 +83,16 @@ def logsnr_timesteps(alphas_bar, steps, split_snr=0.):
         raise ValueError(f"logsnr_timesteps: steps must be between 1 and T = {T} (one network "
                          f"evaluation per visited timestep), got {steps}")
     lambda_t = 0.5 * (alphas_bar.log() - torch.log1p(-alphas_bar))  # falls with t
-    split = 0.5 * math.log(split_snr) if split_snr > 0 else -math.inf
+    split = 0.5 * math.log(split_snr) if split_snr > 0 else math.inf
     below = steps // 2 if steps >= 3 and lambda_t[-1] < split < lambda_t[0] else 0
-    high = _evenly(split if below else lambda_t[-1], lambda_t[0], steps - below, alphas_bar.device)
-    low = _evenly(lambda_t[-1], split, below + 1, alphas_bar.device)[:-1]
-    t = inverse_lambda(lambda_t, torch.cat([low, high]).flip(0)).round().long()  # ascending t
     if below:
-        t[steps - below - 1] = inverse_lambda(lambda_t, high[:1]).floor().long()
+        targets = torch.cat([_evenly(lambda_t[-1], split, below + 1, alphas_bar.device)[:-1],
+                             _evenly(split, lambda_t[0], steps - below, alphas_bar.device)])
+    else:
+        targets = _evenly(lambda_t[-1], lambda_t[0], steps, alphas_bar.device)
+    t = inverse_lambda(lambda_t, targets.flip(0)).round().long()  # ascending t
+    if below:  # the split, rounded down to t with SNR >= split_snr
+        t[steps - below - 1] = inverse_lambda(lambda_t, targets[below:below + 1]).floor().long()
     offsets = torch.arange(steps, device=alphas_bar.device)
     return torch.cummax(t - offsets, dim=0).values.clamp(max=T - steps) + offsets
 

@@ -68,9 +68,8 @@ def dpm_solver_pp(data_prediction, x, alphas_bar, order=2, eta=0., eta_min_snr=0
     for i, step_eta in enumerate(step_etas):
         x_0 = data_prediction(x, steps - 1 - i)
         history = (history + [(i, x_0)])[-order:]
-        x_next = _dpm_solver_pp_step(x, history[-_dpm_solver_pp_order(order, i, steps):], schedule, step_eta)
-        if step_eta > 0 and i < steps - 1:
-            x_next = x_next + _as(_noise_scale(schedule, i, step_eta), x) * noise(x)
+        x_next = (_dpm_solver_pp_step(x, history[-_dpm_solver_pp_order(order, i, steps):], schedule, step_eta)
+                  + _step_noise(schedule, i, step_eta, steps, x, noise))
         yield x, x_0, x_next
         x = x_next
 
@@ -125,13 +124,10 @@ def _dpm_solver_pp_step(x, points, schedule, eta=0.):
     exact for x_0 linear in lambda but not quadratic, so 3M converges at second order (with a
     smaller error than 2M; tests/test_solvers.py measures it). It is kept as published, to give
     the samples of those implementations."""
-    alpha_t, sigma_t, lambda_t = schedule
+    alpha_t, _, lambda_t = schedule
     i, x_0 = points[-1]
-    h = lambda_t[i + 1] - lambda_t[i]
-    stretched = (1. + eta) * h
+    x_next, h, stretched = _linear_part(x, i, i + 1, schedule, eta)
     phi_1 = torch.expm1(-stretched)
-    decay = torch.exp(-eta * h) if eta > 0 else 1.  # (eta = 0 on the last step: 0 * inf)
-    x_next = _as(sigma_t[i + 1] / sigma_t[i] * decay, x) * x
     if len(points) == 1:
         return x_next - _as(alpha_t[i + 1] * phi_1, x) * x_0
     x_0_1 = points[-2][1]
@@ -146,6 +142,25 @@ def _dpm_solver_pp_step(x, points, schedule, eta=0.):
     phi_2 = phi_1 / stretched + 1.
     phi_3 = phi_2 / stretched - 0.5
     return x_next - _as(alpha_t[i + 1], x) * (_as(phi_1, x) * x_0 - _as(phi_2, x) * d1 + _as(phi_3, x) * d2)
+
+
+def _linear_part(x, s, target, schedule, eta):
+    """The part of a step from point s to `target` that is linear in x_s, with the step's length
+    in lambda and its length stretched by the noise: ((sigma_target / sigma_s) e^{-eta h} x_s, h,
+    H = (1 + eta) h). At eta = 0 there is no decay, since e^{-0 * inf} is undefined on the last
+    step, where h = inf."""
+    _, sigma_t, lambda_t = schedule
+    h = lambda_t[target] - lambda_t[s]
+    decay = torch.exp(-eta * h) if eta > 0 else 1.
+    return _as(sigma_t[target] / sigma_t[s] * decay, x) * x, h, (1. + eta) * h
+
+
+def _step_noise(schedule, i, eta, steps, x, noise):
+    """The noise that step i of `steps` adds, noise(x) ~ N(0, I) scaled by _noise_scale; 0 at
+    eta = 0 and on the last step, to the data."""
+    if eta == 0 or i == steps - 1:
+        return 0.
+    return _as(_noise_scale(schedule, i, eta), x) * noise(x)
 
 
 def _noise_scale(schedule, i, eta):
@@ -190,11 +205,8 @@ def unipc(data_prediction, x, alphas_bar, order=2, eta=0., eta_min_snr=0., noise
             x = _unified_update(x_previous, history[-1], others, i, schedule, step_etas[i - 1]) + step_noise
         history = (history + [(i, x_0)])[-order:]
         step_order = min(order, i + 1, steps - i)
-        x_next = _unified_update(x, history[-1], history[-step_order:-1], i + 1, schedule, step_eta)
-        step_noise = 0.
-        if step_eta > 0 and i < steps - 1:
-            step_noise = _as(_noise_scale(schedule, i, step_eta), x) * noise(x)
-            x_next = x_next + step_noise
+        step_noise = _step_noise(schedule, i, step_eta, steps, x, noise)
+        x_next = _unified_update(x, history[-1], history[-step_order:-1], i + 1, schedule, step_eta) + step_noise
         yield x_t, x_0, x_next
         x_previous, x = x, x_next
 
@@ -218,18 +230,15 @@ def _unified_update(x, base, others, target, schedule, eta=0.):
     0.82 at H = 5.5), and 1/2 would give the new x_0 too little weight. UniP-2 keeps 1/2: with
     the exact rho it extrapolates x_0 further through the past, noisy steps, which scored FID
     1.77 against 1.18 (benchmarks/RESULTS.md)."""
-    alpha_t, sigma_t, lambda_t = schedule
+    alpha_t, _, lambda_t = schedule
     s, x_0 = base
-    h = lambda_t[target] - lambda_t[s]
-    stretched = (1. + eta) * h
+    x_next, h, stretched = _linear_part(x, s, target, schedule, eta)
     x_0_combined = x_0
     if others:
         r = torch.stack([(lambda_t[m] - lambda_t[s]) / h for m, _ in others])
         rho = _unipc_rho(stretched, r, exact=eta > 0 and others[-1][0] == target)
         for (_, x_0_m), rho_m, r_m in zip(others, rho, r):
             x_0_combined = x_0_combined + _as(rho_m / r_m, x) * (x_0_m - x_0)
-    decay = torch.exp(-eta * h) if eta > 0 else 1.  # (eta = 0 on the last step: 0 * inf)
-    x_next = _as(sigma_t[target] / sigma_t[s] * decay, x) * x
     return x_next - _as(alpha_t[target] * torch.expm1(-stretched), x) * x_0_combined
 
 
