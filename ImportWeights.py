@@ -13,8 +13,8 @@ import argparse
 import os
 import sys
 
-from Diffusion.Machinery.Checkpoint import TIME_TABLE
-from Diffusion.Machinery.ImportWeights import OFFICIAL_SCHEDULE, describe, import_weights, write_imported
+from Conversion.Import import OFFICIAL_SCHEDULE, describe, import_weights, write_imported
+from Diffusion.Run.Checkpoints import TIME_TABLE
 
 DEFAULT_OUT = os.path.join("CheckPoints", "official_ddpm_cifar10")
 

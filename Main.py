@@ -10,7 +10,7 @@
 """
 import torch
 
-from Diffusion.Machinery.Scripts import run_script, run_state
+from Diffusion.Run.Scripts import run_script, run_state
 from Diffusion.Train import UNCONDITIONAL
 
 # The original's keys and values; every other key (the dataset, EMA, samplers, speed options,

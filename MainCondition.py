@@ -9,7 +9,7 @@
 """
 import torch
 
-from Diffusion.Machinery.Scripts import run_script, run_state
+from Diffusion.Run.Scripts import run_script, run_state
 from DiffusionFreeGuidence.TrainCondition import CONDITIONAL
 
 # The original's keys and values; every other key (the dataset, EMA, samplers, speed options,

@@ -13,8 +13,7 @@ eta = 0 is an ODE whose steps can also be run forwards, from an image to its x_T
 import torch
 from tqdm import tqdm
 
-from Diffusion.Diffusion import Sampler, alpha_and_sigma, extract
-from Diffusion.Schedule import eps_and_x0
+from Diffusion.Diffusion import Sampler, alpha_and_sigma, eps_and_x0, extract
 
 
 class DDIMSampler(Sampler):

@@ -12,18 +12,15 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from Diffusion.Machinery.Randomness import GlobalBatchRandomness
 from Diffusion.Schedule import (  # noqa: F401 (linear_betas, sampling_timesteps: this module's before)
     betas_of,
-    eps_and_x0,
     linear_betas,
-    min_snr_weight,
     respaced_betas,
     sampling_timesteps,
-    target_of,
 )
 
-SINGLE_PROCESS = GlobalBatchRandomness()  # draws from torch's global generator
+
+PREDICTIONS = ("eps", "x0", "v")
 
 
 def extract(v, t, x_shape):
@@ -38,10 +35,48 @@ def alpha_and_sigma(diffusion, t, x):
             extract(diffusion.sqrt_one_minus_alphas_bar, t, x.shape))
 
 
+def eps_and_x0(prediction, output, x_t, alpha, sigma):
+    """The network's output [B, C, H, W] read as the `prediction` it was trained for, as
+    (eps, x_0), with alpha_t, sigma_t [B, 1, 1, 1] of x_t = alpha_t x_0 + sigma_t eps. The
+    network predicts eps (the paper's), x_0, or v = alpha_t eps - sigma_t x_0 (Salimans & Ho 2022):
+
+        eps:  eps = output,                      x_0 = (x_t - sigma_t eps) / alpha_t
+        x0:   x_0 = output,                      eps = (x_t - alpha_t x_0) / sigma_t
+        v:    x_0 = alpha_t x_t - sigma_t v,     eps = sigma_t x_t + alpha_t v
+    (v: alpha_t^2 + sigma_t^2 = 1)."""
+    if prediction == "eps":
+        return output, (x_t - sigma * output) / alpha
+    if prediction == "x0":
+        return (x_t - alpha * output) / sigma, output
+    return sigma * x_t + alpha * output, alpha * x_t - sigma * output
+
+
+def target_of(prediction, x_0, eps, alpha, sigma):
+    """What the network is trained to output at x_t = alpha_t x_0 + sigma_t eps: eps, x_0 or
+    v = alpha_t eps - sigma_t x_0 (Salimans & Ho 2022, Sec. 4). [B, C, H, W]."""
+    if prediction == "eps":
+        return eps
+    if prediction == "x0":
+        return x_0
+    return alpha * eps - sigma * x_0
+
+
+def min_snr_weight(prediction, snr, gamma):
+    """The loss weight of Min-SNR-gamma (Hang et al. 2023) for each prediction target, so that
+    every target weighs the x_0 error by min(SNR, gamma): min(SNR, gamma) / SNR for eps,
+    min(SNR, gamma) for x0, min(SNR, gamma) / (SNR + 1) for v. snr [B, 1, 1, 1]."""
+    clipped = snr.clamp(max=gamma)
+    if prediction == "eps":
+        return clipped / snr
+    if prediction == "x0":
+        return clipped
+    return clipped / (snr + 1.)
+
+
 class GaussianDiffusionTrainer(nn.Module):
     """Algorithm 1: the noise-prediction loss || eps - eps_theta(x_t, t) ||^2.
 
-    The follow-ups' options (Schedule.py): beta_schedule "cosine" (Nichol & Dhariwal Eq. 17);
+    The follow-ups' options: beta_schedule "cosine" (Nichol & Dhariwal Eq. 17);
     prediction "x0" or "v", the network trained to output x_0 or v = alpha_t eps - sigma_t x_0
     instead of eps; loss_weight "min_snr", each image's error weighted by Min-SNR-gamma with
     snr_gamma (Hang et al. 2023). The defaults are the paper's."""
@@ -58,18 +93,20 @@ class GaussianDiffusionTrainer(nn.Module):
         self.register_buffer("sqrt_one_minus_alphas_bar", (1. - alphas_bar).sqrt())
         self.register_buffer("snr", alphas_bar / (1. - alphas_bar))
 
-    def forward(self, x_0, *condition, randomness=SINGLE_PROCESS):
-        """x_0 [B, C, H, W] in [-1, 1] -> per-element squared error [B, C, H, W] at a random
-        t ~ Uniform{0..T-1} and eps ~ N(0, I). `condition` goes to the model after t (the
-        class labels [B] of the conditional model). `randomness` draws t and eps (a
-        GlobalBatchRandomness: an image gets the same ones whatever the number of processes)."""
-        t = randomness.randint(self.T, x_0.shape[0], x_0.device)
-        noise = randomness.randn_like(x_0)
-        return self.noise_prediction_error(x_0, t, noise, *condition)
+    def forward(self, x_0, *condition, t=None, noise=None):
+        """x_0 [B, C, H, W] in [-1, 1] -> the squared error [B, C, H, W], not reduced:
 
-    def noise_prediction_error(self, x_0, t, noise, *condition):
-        """(eps - eps_theta(sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, t))^2, not reduced (with
-        another prediction, its target in place of eps; with min_snr, times its weight)."""
+            (eps - eps_theta(sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, t))^2
+
+        at t ~ Uniform{0..T-1} [B] and eps ~ N(0, I) [B, C, H, W], drawn here unless given (the
+        training run draws them so that an image gets the same ones whatever the number of
+        processes). With another prediction, its target in place of eps; with min_snr, times
+        its weight. `condition` goes to the model after t (the class labels [B] of the
+        conditional model)."""
+        if t is None:
+            t = torch.randint(self.T, (x_0.shape[0],), device=x_0.device)
+        if noise is None:
+            noise = torch.randn_like(x_0)
         alpha, sigma = alpha_and_sigma(self, t, x_0)
         x_t = alpha * x_0 + sigma * noise
         target = target_of(self.prediction, x_0, noise, alpha, sigma)
@@ -82,7 +119,7 @@ class GaussianDiffusionTrainer(nn.Module):
 class Sampler(nn.Module):
     """What every sampler shares: the reverse process from x_T ~ N(0, I) to x_0 over `timesteps`
     (default: all T), last to first, for a network trained with `beta_schedule` and
-    `prediction` (Schedule.py; the paper's: linear, eps).
+    `prediction` (the paper's: linear, eps).
 
     Sampling runs the network in exactly one place, `denoise`; the guided model plugs in there
     (as the model), and so do the speed options. Coefficient tensors are indexed by i, the
@@ -110,7 +147,7 @@ class Sampler(nn.Module):
         """eps_theta(x_t, t) at t = timesteps[i] and the x_0 predicted from it, both [B, C, H, W]
         (x_0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t), Eq. 4 solved for x_0, DDIM Eq. 9);
         i [B]: positions in `timesteps`. The network's output is read as the prediction it was
-        trained for (Schedule.eps_and_x0). With clip_denoised, x_0 is clipped to [-1, 1] and eps
+        trained for (eps_and_x0). With clip_denoised, x_0 is clipped to [-1, 1] and eps
         is the one that the clipped x_0 implies."""
         alpha, sigma = alpha_and_sigma(self, i, x_t)
         output = self.model(x_t, self.timesteps[i], *condition)
@@ -184,28 +221,30 @@ class GaussianDiffusionSampler(Sampler):
         fixed = betas if variance == "fixedlarge" else posterior_var
         self.register_buffer("sample_var", torch.cat([posterior_var[1:2], fixed[1:]]))
 
-    def predict_xt_prev_mean_from_eps(self, x_t, t, eps):
-        """mu_theta = 1/sqrt(alpha_t) (x_t - beta_t / sqrt(1 - abar_t) eps) (Eq. 11) [B, C, H, W];
-        t [B]: positions in `timesteps`."""
-        return extract(self.coeff1, t, x_t.shape) * x_t - extract(self.coeff2, t, x_t.shape) * eps
+    def step(self, x_t, i, *condition, last):
+        """Algorithm 2, line 4: x_{t-1} = mu_theta(x_t, t) + sigma_t z with z ~ N(0, I), and z = 0
+        on the `last` step (t = 1). Returns (x_{t-1}, the x_0 predicted from x_t)."""
+        eps, x_0 = self.denoise(x_t, i, *condition)
+        mean = self.mean(x_t, i, eps, x_0)
+        if last:
+            return mean, x_0
+        return mean + extract(self.sample_var, i, x_t.shape).sqrt() * torch.randn_like(x_t), x_0
 
     def mean(self, x_t, i, eps, x_0):
-        """The mean of p_theta(x_{t-1} | x_t): Eq. 11, or with clip_denoised the posterior mean
-        of Eq. 7 at the clipped x_0. [B, C, H, W]."""
+        """mu_theta(x_t, t) [B, C, H, W]: Eq. 11, or with clip_denoised the posterior mean of Eq. 7
+        at the clipped x_0, mu~_t = coef1 x_0 + coef2 x_t."""
         if self.clip_denoised:
             return (extract(self.posterior_mean_coef1, i, x_t.shape) * x_0
                     + extract(self.posterior_mean_coef2, i, x_t.shape) * x_t)
         return self.predict_xt_prev_mean_from_eps(x_t, i, eps)
+
+    def predict_xt_prev_mean_from_eps(self, x_t, t, eps):
+        """mu_theta = 1/sqrt(alpha_t) (x_t - beta_t / sqrt(1 - abar_t) eps) (Eq. 11) [B, C, H, W];
+        t [B]: positions in `timesteps`."""
+        return extract(self.coeff1, t, x_t.shape) * x_t - extract(self.coeff2, t, x_t.shape) * eps
 
     def p_mean_variance(self, x_t, t, *condition):
         """The mean and variance of p_theta(x_{t-1} | x_t): [B, C, H, W] and [B, 1, 1, 1];
         t [B]: positions in `timesteps`."""
         eps, x_0 = self.denoise(x_t, t, *condition)
         return self.mean(x_t, t, eps, x_0), extract(self.sample_var, t, x_t.shape)
-
-    def step(self, x_t, i, *condition, last):
-        eps, x_0 = self.denoise(x_t, i, *condition)
-        mean = self.mean(x_t, i, eps, x_0)
-        if last:
-            return mean, x_0
-        return mean + extract(self.sample_var, i, x_t.shape).sqrt() * torch.randn_like(x_t), x_0

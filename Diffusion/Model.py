@@ -250,6 +250,14 @@ class UNetBody(nn.Module):
         return self.tail(h)
 
 
+def check_attention_levels(attn, ch_mult):
+    """Raise ValueError, naming the config keys, unless every level in attn is one of ch_mult's."""
+    outside = [level for level in attn if not 0 <= level < len(ch_mult)]
+    if outside:
+        raise ValueError(f"attn {list(attn)} names level {outside[0]}, but channel_mult {list(ch_mult)} "
+                         f"has levels 0..{len(ch_mult) - 1}: use indices in that range.")
+
+
 class UNet(UNetBody):
     """eps_theta(x_t, t): x_t [B, 3, H, W] in [-1, 1], t [B] in 0..T-1 -> eps [B, 3, H, W]
     (1 channel instead of 3 with img_channels 1, for grayscale images).
@@ -263,9 +271,7 @@ class UNet(UNetBody):
     def __init__(self, T, ch, ch_mult, attn, num_res_blocks, dropout,
                  group_norm_eps=1e-5, downsample_padding="symmetric", img_channels=3):
         super().__init__()
-        if any(not 0 <= level < len(ch_mult) for level in attn):
-            raise ValueError(f"attn {list(attn)} names a level outside channel_mult's "
-                             f"0..{len(ch_mult) - 1}")
+        check_attention_levels(attn, ch_mult)
         tdim = 4 * ch
         self.time_embedding = TimeEmbedding(T, ch, tdim)
         self.build_body(

@@ -1,12 +1,11 @@
-"""The noise schedule and what the network predicts.
+"""The noise schedule and the timesteps a sampler visits.
 
 The forward process (DDPM Eq. 4) is x_t = alpha_t x_0 + sigma_t eps with alpha_t = sqrt(abar_t),
 sigma_t = sqrt(1 - abar_t), abar_t = prod_{s<=t} (1 - beta_s), and SNR(t) = alpha_t^2 / sigma_t^2.
 The betas are the paper's linear schedule or the cosine schedule of Nichol & Dhariwal 2021; a
-sampler visits some of the T timesteps (uniform, quadratic or uniform in log-SNR). The network
-predicts eps (the paper's), x_0, or v = alpha_t eps - sigma_t x_0 (Salimans & Ho 2022), and its
-loss may be weighted by min(SNR, gamma) (Hang et al. 2023). Every tensor of a schedule is float64
-[T] (or [S]); timesteps are 0-based.
+sampler visits some of the T timesteps (uniform, quadratic or uniform in log-SNR), on the
+respaced schedule of those. Every tensor of a schedule is float64 [T] (or [S]); timesteps are
+0-based.
 """
 import math
 
@@ -14,7 +13,6 @@ import torch
 from torch.nn import functional as F
 
 BETA_SCHEDULES = ("linear", "cosine")
-PREDICTIONS = ("eps", "x0", "v")
 COSINE_OFFSET = 0.008  # s of Nichol & Dhariwal Eq. 17
 LARGEST_BETA = 0.999  # their clip, which keeps the cosine schedule's last steps finite
 
@@ -118,40 +116,3 @@ def respaced_betas(betas, timesteps):
         return betas
     alphas_bar = torch.cumprod(1. - betas, dim=0)[timesteps]
     return 1. - alphas_bar / F.pad(alphas_bar, [1, 0], value=1.)[:-1]
-
-
-def eps_and_x0(prediction, output, x_t, alpha, sigma):
-    """The network's output [B, C, H, W] read as the `prediction` it was trained for, as
-    (eps, x_0), with alpha_t, sigma_t [B, 1, 1, 1] of x_t = alpha_t x_0 + sigma_t eps:
-
-        eps:  eps = output,                      x_0 = (x_t - sigma_t eps) / alpha_t
-        x0:   x_0 = output,                      eps = (x_t - alpha_t x_0) / sigma_t
-        v:    x_0 = alpha_t x_t - sigma_t v,     eps = sigma_t x_t + alpha_t v
-    (v: alpha_t^2 + sigma_t^2 = 1)."""
-    if prediction == "eps":
-        return output, (x_t - sigma * output) / alpha
-    if prediction == "x0":
-        return (x_t - alpha * output) / sigma, output
-    return sigma * x_t + alpha * output, alpha * x_t - sigma * output
-
-
-def target_of(prediction, x_0, eps, alpha, sigma):
-    """What the network is trained to output at x_t = alpha_t x_0 + sigma_t eps: eps, x_0 or
-    v = alpha_t eps - sigma_t x_0 (Salimans & Ho 2022, Sec. 4). [B, C, H, W]."""
-    if prediction == "eps":
-        return eps
-    if prediction == "x0":
-        return x_0
-    return alpha * eps - sigma * x_0
-
-
-def min_snr_weight(prediction, snr, gamma):
-    """The loss weight of Min-SNR-gamma (Hang et al. 2023) for each prediction target, so that
-    every target weighs the x_0 error by min(SNR, gamma): min(SNR, gamma) / SNR for eps,
-    min(SNR, gamma) for x0, min(SNR, gamma) / (SNR + 1) for v. snr [B, 1, 1, 1]."""
-    clipped = snr.clamp(max=gamma)
-    if prediction == "eps":
-        return clipped / snr
-    if prediction == "x0":
-        return clipped
-    return clipped / (snr + 1.)

@@ -44,8 +44,8 @@ def _schedule(alphas_bar):
     return alpha_t, sigma_t, alpha_t.log() - sigma_t.log()
 
 
-def _as(coefficient, x):
-    """A float64 coefficient (0-dim) in x's dtype."""
+def _cast(coefficient, x):
+    """A float64 coefficient (0-dim) cast to x's dtype."""
     return coefficient.to(x.dtype)
 
 
@@ -129,19 +129,19 @@ def _dpm_solver_pp_step(x, points, schedule, eta=0.):
     x_next, h, stretched = _linear_part(x, i, i + 1, schedule, eta)
     phi_1 = torch.expm1(-stretched)
     if len(points) == 1:
-        return x_next - _as(alpha_t[i + 1] * phi_1, x) * x_0
+        return x_next - _cast(alpha_t[i + 1] * phi_1, x) * x_0
     x_0_1 = points[-2][1]
     r_0 = (lambda_t[i] - lambda_t[i - 1]) / h
     if len(points) == 2:
-        return x_next - _as(alpha_t[i + 1] * phi_1, x) * (x_0 + _as(0.5 / r_0, x) * (x_0 - x_0_1))
+        return x_next - _cast(alpha_t[i + 1] * phi_1, x) * (x_0 + _cast(0.5 / r_0, x) * (x_0 - x_0_1))
     x_0_2 = points[-3][1]
     r_1 = (lambda_t[i - 1] - lambda_t[i - 2]) / h
-    d1_0, d1_1 = _as(1. / r_0, x) * (x_0 - x_0_1), _as(1. / r_1, x) * (x_0_1 - x_0_2)
-    d1 = d1_0 + _as(r_0 / (r_0 + r_1), x) * (d1_0 - d1_1)
-    d2 = _as(1. / (r_0 + r_1), x) * (d1_0 - d1_1)
+    d1_0, d1_1 = _cast(1. / r_0, x) * (x_0 - x_0_1), _cast(1. / r_1, x) * (x_0_1 - x_0_2)
+    d1 = d1_0 + _cast(r_0 / (r_0 + r_1), x) * (d1_0 - d1_1)
+    d2 = _cast(1. / (r_0 + r_1), x) * (d1_0 - d1_1)
     phi_2 = phi_1 / stretched + 1.
     phi_3 = phi_2 / stretched - 0.5
-    return x_next - _as(alpha_t[i + 1], x) * (_as(phi_1, x) * x_0 - _as(phi_2, x) * d1 + _as(phi_3, x) * d2)
+    return x_next - _cast(alpha_t[i + 1], x) * (_cast(phi_1, x) * x_0 - _cast(phi_2, x) * d1 + _cast(phi_3, x) * d2)
 
 
 def _linear_part(x, s, target, schedule, eta):
@@ -152,7 +152,7 @@ def _linear_part(x, s, target, schedule, eta):
     _, sigma_t, lambda_t = schedule
     h = lambda_t[target] - lambda_t[s]
     decay = torch.exp(-eta * h) if eta > 0 else 1.
-    return _as(sigma_t[target] / sigma_t[s] * decay, x) * x, h, (1. + eta) * h
+    return _cast(sigma_t[target] / sigma_t[s] * decay, x) * x, h, (1. + eta) * h
 
 
 def _step_noise(schedule, i, eta, steps, x, noise):
@@ -160,7 +160,7 @@ def _step_noise(schedule, i, eta, steps, x, noise):
     eta = 0 and on the last step, to the data."""
     if eta == 0 or i == steps - 1:
         return 0.
-    return _as(_noise_scale(schedule, i, eta), x) * noise(x)
+    return _cast(_noise_scale(schedule, i, eta), x) * noise(x)
 
 
 def _noise_scale(schedule, i, eta):
@@ -238,8 +238,8 @@ def _unified_update(x, base, others, target, schedule, eta=0.):
         r = torch.stack([(lambda_t[m] - lambda_t[s]) / h for m, _ in others])
         rho = _unipc_rho(stretched, r, exact=eta > 0 and others[-1][0] == target)
         for (_, x_0_m), rho_m, r_m in zip(others, rho, r):
-            x_0_combined = x_0_combined + _as(rho_m / r_m, x) * (x_0_m - x_0)
-    return x_next - _as(alpha_t[target] * torch.expm1(-stretched), x) * x_0_combined
+            x_0_combined = x_0_combined + _cast(rho_m / r_m, x) * (x_0_m - x_0)
+    return x_next - _cast(alpha_t[target] * torch.expm1(-stretched), x) * x_0_combined
 
 
 def _unipc_rho(h, r, exact=False):

@@ -2,8 +2,8 @@
 then cosine annealing of the learning rate, gradient clipping) and an exponential moving average
 of the weights, which the samples are drawn from (EMA.py).
 
-`fit` is the recipe of both models. A model brings its pieces (`ModelPieces`): the unconditional
-ones are below, the class-conditional ones in DiffusionFreeGuidence/TrainCondition.py.
+`fit` is the recipe of both models. A model brings what differs (`Variant`): the unconditional
+model's is below, the class-conditional one's in DiffusionFreeGuidence/TrainCondition.py.
 """
 from dataclasses import dataclass
 from typing import Callable
@@ -13,40 +13,46 @@ from torch.optim.lr_scheduler import CosineAnnealingLR
 
 from Diffusion.Diffusion import GaussianDiffusionTrainer
 from Diffusion.EMA import EMA
-from Diffusion.Machinery.Checkpoint import diffusion_of
-from Diffusion.Machinery.Config import complete
-from Diffusion.Machinery.Data import training_dataset, training_loader
-from Diffusion.Machinery.Evaluation import Unconditional, evaluate, fid_of, preview_of
-from Diffusion.Machinery.Interrupt import StopRequests
-from Diffusion.Machinery.Keys import KEYS, UNET_KEYS
-from Diffusion.Machinery.Processes import EpochSampler, for_training, torchrun_processes
-from Diffusion.Machinery.Randomness import GlobalBatchRandomness, flip_left_right_at_random
-from Diffusion.Machinery.ScheduleCheck import warn_if_x_T_keeps_the_image
-from Diffusion.Machinery.Speed import autocast, compiled, memory_format
-from Diffusion.Machinery.TrainingRun import TrainingRun
-from Diffusion.Machinery.TrainingState import TrainingState
 from Diffusion.Model import UNet
+from Diffusion.Run.Checkpoints import diffusion_of, is_snapshot_epoch, save_snapshot
+from Diffusion.Run.Config import complete
+from Diffusion.Run.Data import EpochSampler, flip_left_right_at_random, training_dataset, training_loader
+from Diffusion.Run.Evaluation import PlainGrid, evaluate, fid_of, preview_of
+from Diffusion.Run.Keys import KEYS, UNET_KEYS
+from Diffusion.Run.Processes import (
+    GlobalBatchRandomness,
+    autocast,
+    compiled,
+    data_parallel,
+    memory_format,
+    torchrun_group,
+)
+from Diffusion.Run.Sampling import warn_if_x_T_keeps_the_image
+from Diffusion.Run.TrainingRun import StopRequests, TrainingRun
+from Diffusion.Run.TrainingState import TrainingState
 from Scheduler import GradualWarmupScheduler
 
 
 @dataclass(frozen=True)
-class ModelPieces:
-    """What a model brings to the shared training and sampling.
+class Variant:
+    """What one of the two models brings to the shared training and sampling.
 
     keys: its config keys and their defaults; absent: {key: why} for keys it lacks on purpose;
-    folder_key: the key of its checkpoint folder; labelled: it trains on the dataset's labels.
-    unet(config, num_labels) -> its UNet; loss(config) -> loss(trainer, x_0, labels, randomness),
-    the global batch's loss; guide(model, w) -> the network a sampler calls for guidance weight w;
-    layout: how eval conditions its samples and lays out their grids (Evaluation.Unconditional).
+    checkpoints_key: the key of its checkpoint folder; labelled: it trains on the dataset's labels.
+    unet(config, num_labels) -> its UNet; condition(config) -> condition(labels, draws), the model
+    inputs besides x_t and t of a training batch; loss(error, global_batch): the batch's loss
+    from the squared errors [B, C, H, W]; guide(model, w) -> the network a sampler calls for
+    guidance weight w; grid: how eval conditions its samples and lays out their grids.
     """
     keys: dict
-    folder_key: str
+    absent: dict
+    checkpoints_key: str
     labelled: bool
     unet: Callable
+    condition: Callable
     loss: Callable
     guide: Callable
-    layout: Callable
-    absent: dict
+    grid: type
 
 
 def optimizer_step(loss, model, optimizer, scaler, grad_clip):
@@ -64,23 +70,23 @@ def optimizer_step(loss, model, optimizer, scaler, grad_clip):
     return taken
 
 
-def fit(config, pieces):
+def fit(config, variant):
     """The training recipe of both models, on config["dataset"] (under torchrun, one process per
     GPU, each with batch_size images of the global batch); the run continues where it stopped
     with training_load_weight "last"."""
     warn_if_x_T_keeps_the_image(config["beta_1"], config["beta_T"], config["T"], config["beta_schedule"])
-    folder = config[pieces.folder_key]
+    folder = config[variant.checkpoints_key]
     continuing = (f": the training state saved last is intact in {folder}; continue with the same "
                   f"torchrun command and --training_load_weight last")
-    with torchrun_processes(config["device"], if_lost=continuing) as processes, StopRequests() as stop:
-        device, layout = processes.device, memory_format(config["channels_last"])
+    with torchrun_group(config["device"], if_lost=continuing) as process, StopRequests() as stop:
+        device, memory_layout = process.device, memory_format(config["channels_last"])
         dataset = training_dataset(config["dataset"], config["data_root"], config["img_size"],
                                    config["img_channels"], config["max_images"], config["batch_size"],
-                                   pieces.labelled)
+                                   variant.labelled)
         if config["seed"] is not None:
             torch.manual_seed(config["seed"])  # the initial weights
         num_labels = len(dataset.classes)
-        model = pieces.unet(config, num_labels).to(device, memory_format=layout)
+        model = variant.unet(config, num_labels).to(device, memory_format=memory_layout)
         optimizer = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=1e-4,
                                       fused=device.type in ("cuda", "cpu"))
         # Warm-up over the first tenth of the epochs, then cosine annealing to 0.
@@ -88,38 +94,47 @@ def fit(config, pieces):
                                            after_scheduler=CosineAnnealingLR(optimizer, T_max=config["epoch"]))
         ema = EMA(model, config["ema_decay"]) if config["ema_decay"] > 0 else None
         scaler = torch.amp.GradScaler(device.type, enabled=config["amp"] == "fp16")
-        state = TrainingState(model, ema, optimizer, scheduler, scaler, processes, config["batch_size"])
-        run = TrainingRun(state, folder, pieces.folder_key, stop, epochs=config["epoch"],
-                          save_every=config["save_every"], keep_last=config["keep_last"],
-                          save_state_minutes=config["save_state_minutes"], log_every=config["log_every"],
-                          sample_every=config["sample_every"], fid_every=config["fid_every"])
-        run.start(config["training_load_weight"], config["seed"], config["overwrite"], diffusion_of(config),
-                  dataset.classes, preview=preview_of(config, pieces, num_labels),
-                  fid=fid_of(config, pieces, num_labels) if config["fid_every"] else None)
+        state = TrainingState(model, ema, optimizer, scheduler, scaler, process, config["batch_size"])
+        run = TrainingRun(state, folder, stop, config["epoch"], config["save_state_minutes"], config["log_every"],
+                          config["sample_every"], config["fid_every"], preview_of(config, variant, num_labels),
+                          fid_of(config, variant, num_labels) if config["fid_every"] else None)
+        run.start(config["training_load_weight"], config["seed"], config["overwrite"], variant.checkpoints_key,
+                  diffusion_of(config), dataset.classes, config["save_every"], config["keep_last"])
         trainer = GaussianDiffusionTrainer(
-            compiled(for_training(model, processes), config["compile"]), config["beta_1"], config["beta_T"],
+            compiled(data_parallel(model, process), config["compile"]), config["beta_1"], config["beta_T"],
             config["T"], config["beta_schedule"], config["prediction"], config["loss_weight"],
             config["snr_gamma"]).to(device)
-        randomness = GlobalBatchRandomness(state.generator, processes.rank, processes.world_size)
-        loss_of_batch = pieces.loss(config)
-        sampler = EpochSampler(dataset, processes, state.seed)
+        # The draws of each image (its flip, label dropout, t and eps) are the same whatever the
+        # number of processes (Processes.py).
+        draws = GlobalBatchRandomness(state.generator, process.rank, process.world_size)
+        condition_of = variant.condition(config)
+        sampler = EpochSampler(dataset, process, state.seed)
         loader = training_loader(dataset, config["batch_size"], config["num_workers"], sampler, device)
         for epoch in range(state.epoch, config["epoch"]):
             sampler.start_epoch(epoch, skip=state.step_in_epoch * config["batch_size"])
             model.train()
             for images, labels in run.batches(loader):
-                x_0 = flip_left_right_at_random(images.to(device, non_blocking=True), randomness)
+                x_0 = flip_left_right_at_random(images.to(device, non_blocking=True), draws)
+                condition = condition_of(labels.to(device, non_blocking=True), draws)
+                t, noise = draws.randint(config["T"], len(x_0), device), draws.randn_like(x_0)
                 with autocast(device, config["amp"]):
-                    loss = loss_of_batch(trainer, x_0.contiguous(memory_format=layout),
-                                         labels.to(device, non_blocking=True), randomness)
+                    error = trainer(x_0.contiguous(memory_format=memory_layout), *condition, t=t, noise=noise)
+                    loss = variant.loss(error, draws.size(len(x_0)))
                 # DistributedDataParallel averages the processes' gradients; the loss is the global batch's.
-                taken = optimizer_step(loss * processes.world_size, model, optimizer, scaler,
-                                       config["grad_clip"])
+                taken = optimizer_step(loss * process.world_size, model, optimizer, scaler, config["grad_clip"])
                 if taken and ema:
                     ema.update(model)
                 run.after_step(loss.detach(), taken)
+                if run.save_due():  # every save_state_minutes, and at once on SIGTERM or Ctrl-C
+                    state.save(folder)  # training_state.pt
+                    run.stop_if_asked()
             scheduler.step()
-            run.end_epoch()
+            state.next_epoch()
+            if is_snapshot_epoch(epoch, config["save_every"], config["epoch"]) and process.is_main:
+                # ckpt_{epoch}_.pt: the weights one samples from, the newest keep_last kept
+                save_snapshot((ema.module if ema else model).state_dict(), folder, epoch, config["keep_last"])
+            state.save(folder)
+            run.end_epoch(epoch)
         run.finish()
 
 
@@ -131,14 +146,19 @@ def unet_of(config, num_labels=None):
                 downsample_padding=config["downsample_padding"], img_channels=config["img_channels"])
 
 
-def original_loss(trainer, x_0, labels, randomness):
+def no_condition(labels, draws):
+    """The unconditional model takes nothing besides x_t and t."""
+    return ()
+
+
+def original_loss(error, global_batch):
     """Algorithm 1's loss, reduced as the original: the sum over the batch / 1000."""
-    return trainer(x_0, randomness=randomness).sum() / 1000.
+    return error.sum() / 1000.
 
 
-UNCONDITIONAL = ModelPieces(keys={**KEYS, **UNET_KEYS}, folder_key="save_weight_dir", labelled=False,
-                            unet=unet_of, loss=lambda config: original_loss, guide=lambda model, w: model,
-                            layout=Unconditional, absent={})
+UNCONDITIONAL = Variant(keys={**KEYS, **UNET_KEYS}, absent={}, checkpoints_key="save_weight_dir",
+                        labelled=False, unet=unet_of, condition=lambda config: no_condition,
+                        loss=original_loss, guide=lambda model, w: model, grid=PlainGrid)
 
 
 def train(modelConfig):

@@ -1,21 +1,19 @@
 """What classifier-free guidance brings to Diffusion/'s training and sampling: its UNet, the
 labels (shifted by one so that 0 is the null label, dropped at random while training), the loss
 reduced as the original's, the guided noise estimate, and grids of one class per row for one or
-more guidance weights w. Training, eval, export and FID are Diffusion/'s, given these pieces.
+more guidance weights w. Training, eval, export and FID are Diffusion/'s, given this variant.
 """
-import os
 from dataclasses import replace
 from functools import partial
 
 import torch
 
-from Diffusion.Diffusion import SINGLE_PROCESS
-from Diffusion.Machinery.Checkpoint import class_names
-from Diffusion.Machinery.Config import complete
-from Diffusion.Machinery.Errors import ConfigError
-from Diffusion.Machinery.Evaluation import evaluate
-from Diffusion.Machinery.Keys import KEYS, Key
-from Diffusion.Train import ModelPieces, fit
+from Diffusion.Run.Checkpoints import class_names
+from Diffusion.Run.Config import ConfigError, complete
+from Diffusion.Run.Evaluation import evaluate, guidance_weights
+from Diffusion.Run.Keys import KEYS, Key
+from Diffusion.Run.Processes import SINGLE_PROCESS
+from Diffusion.Train import Variant, fit
 from DiffusionFreeGuidence.DiffusionCondition import ClassifierFreeGuidance
 from DiffusionFreeGuidence.ModelCondition import UNet
 
@@ -48,39 +46,39 @@ def unet_of(config, num_labels):
                 dropout=config["dropout"], img_channels=config["img_channels"])
 
 
-def drop_labels(labels, p_uncond, mode="example", randomness=SINGLE_PROCESS):
+def drop_labels(labels, p_uncond, mode="example", draws=SINGLE_PROCESS):
     """Replace labels [B] by the null label 0 with probability p_uncond (Ho & Salimans 2022,
     Algorithm 1: c <- null with probability p_uncond): each label independently ("example", the
-    paper's), or the whole global batch's at once ("batch", the original's)."""
+    paper's), or the whole global batch's at once ("batch", the original's). draws: a
+    GlobalBatchRandomness (Processes.py)."""
     if mode == "example":
-        keep = randomness.rand(labels.shape[0], labels.device) >= p_uncond
+        keep = draws.rand(labels.shape[0], labels.device) >= p_uncond
     else:
-        keep = randomness.rand_one(labels.device) >= p_uncond
+        keep = draws.rand_one(labels.device) >= p_uncond
     return labels * keep
 
 
-def guided_loss(trainer, x_0, labels, randomness, p_uncond, label_dropout):
-    """Algorithm 1 with labels shifted to 1..num_labels and randomly dropped; the loss is
-    reduced as the original: the sum over the batch / batch_size^2 (of the global batch)."""
-    conditions = drop_labels(labels + 1, p_uncond, label_dropout, randomness)
-    return trainer(x_0, conditions, randomness=randomness).sum() / randomness.size(x_0.shape[0]) ** 2
+def dropped_labels(labels, draws, p_uncond, label_dropout):
+    """The model input of a training batch: its labels shifted to 1..num_labels, some dropped."""
+    return (drop_labels(labels + 1, p_uncond, label_dropout, draws),)
 
 
-def loss_of(config):
-    """guided_loss with config's p_uncond and label_dropout."""
-    return partial(guided_loss, p_uncond=config["p_uncond"], label_dropout=config["label_dropout"])
+def condition_of(config):
+    """dropped_labels with config's p_uncond and label_dropout."""
+    return partial(dropped_labels, p_uncond=config["p_uncond"], label_dropout=config["label_dropout"])
 
 
-def guidance_weights(config):
-    """config["w"] as a tuple: one grid (and one export folder) per guidance weight."""
-    return tuple(config["w"]) if isinstance(config["w"], (list, tuple)) else (config["w"],)
+def guided_loss(error, global_batch):
+    """Algorithm 1's loss, reduced as the original's guided model: the sum over the batch /
+    batch_size^2 (of the global batch)."""
+    return error.sum() / global_batch ** 2
 
 
 class ClassRows:
-    """The conditional model's samples (a layout, as Diffusion/Machinery/Evaluation.py's
-    Unconditional): the grid has one row of `per_row` images for each of `classes` (0-based),
-    one grid per guidance weight in `weights`; exported samples take the classes in turn.
-    `names`: the names of all the checkpoint's classes."""
+    """The conditional model's samples (a grid, as Diffusion/Run/Evaluation.py's PlainGrid):
+    one row of `per_row` images for each of `classes` (0-based), one grid per guidance weight of
+    `weights`; exported samples take the classes in turn. `names`: the names of all the
+    checkpoint's classes."""
 
     def __init__(self, classes, per_row, weights, names):
         self.classes, self.per_row, self.weights, self.names = classes, per_row, weights, names
@@ -100,10 +98,6 @@ class ClassRows:
         return cls(list(range(num_labels)), 4, guidance_weights(config)[:1],
                    class_names(config["save_dir"], num_labels, config["dataset"]))
 
-    @classmethod
-    def weights_of(cls, config):
-        return guidance_weights(config)
-
     def grid_condition(self, device):
         """The labels of the grid's samples [count], in 1..num_labels (0 is the null label)."""
         return (torch.tensor(self.classes, device=device).repeat_interleave(self.per_row) + 1,)
@@ -112,12 +106,6 @@ class ClassRows:
         """The labels of the exported samples with these indices [N]: the classes in turn."""
         classes = torch.tensor(self.classes, device=indices.device)
         return (classes[indices % len(classes)] + 1,)
-
-    def folder(self, export_dir, w):
-        return os.path.join(export_dir, f"w{w:g}")
-
-    def name(self, w):
-        return f"w = {w:g}"
 
     def describe(self):
         return (f"rows: {', '.join(self.names[c] for c in self.classes)} (classes {self.classes}); "
@@ -137,9 +125,9 @@ def classes_to_sample(config, num_labels):
     return classes
 
 
-CONDITIONAL = ModelPieces(
-    keys=GUIDANCE_KEYS, folder_key="save_dir", labelled=True, unet=unet_of, loss=loss_of,
-    guide=ClassifierFreeGuidance, layout=ClassRows,
+CONDITIONAL = Variant(
+    keys=GUIDANCE_KEYS, checkpoints_key="save_dir", labelled=True, unet=unet_of, condition=condition_of,
+    loss=guided_loss, guide=ClassifierFreeGuidance, grid=ClassRows,
     absent={"attn": "the class-conditional model's attention is fixed (self-attention after every "
                     "down-path block, as the original); leave it out"})
 

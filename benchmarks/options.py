@@ -5,7 +5,7 @@ measured in one run.
     python benchmarks/options.py --model condition --batch_size 8 --device cpu
     python benchmarks/options.py --variants plain,bf16 --rounds 5
 
-Every variant is the training step of Diffusion/Train.py's fit, built from its pieces (the
+Every variant is the training step of Diffusion/Train.py's fit, built from its parts (the
 loss of Algorithm 1, `optimizer_step`: clipping and AdamW, the EMA update) on the default config
 of the chosen script; "plain" is the original's float32 path
 with every option off (AdamW not fused) and the model's attention (Model.attention: fused on a
@@ -34,14 +34,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.speed import cpu_name, explicit_attention, script_defaults  # noqa: E402
 from Diffusion.Diffusion import GaussianDiffusionTrainer  # noqa: E402
 from Diffusion.EMA import EMA  # noqa: E402
-from Diffusion.Machinery.Randomness import GlobalBatchRandomness, flip_left_right_at_random  # noqa: E402
-from Diffusion.Machinery.Sampling import sampler_of  # noqa: E402
-from Diffusion.Machinery.Speed import autocast, compiled, for_sampling, memory_format  # noqa: E402
 from Diffusion.Model import AttnBlock  # noqa: E402
-from Diffusion.Train import optimizer_step, original_loss, unet_of  # noqa: E402
+from Diffusion.Run.Data import flip_left_right_at_random  # noqa: E402
+from Diffusion.Run.Processes import GlobalBatchRandomness, autocast, compiled, memory_format  # noqa: E402
+from Diffusion.Run.Sampling import sampler_of, under_speed_options  # noqa: E402
+from Diffusion.Train import UNCONDITIONAL, optimizer_step  # noqa: E402
 from DiffusionFreeGuidence.ModelCondition import UNet as ConditionalUNet  # noqa: E402
-from DiffusionFreeGuidence.TrainCondition import guided_loss  # noqa: E402
-from DiffusionFreeGuidence.TrainCondition import unet_of as conditional_unet_of  # noqa: E402
+from DiffusionFreeGuidence.TrainCondition import CONDITIONAL  # noqa: E402
 
 OPTIONS_OFF = {"amp": "none", "compile": False, "channels_last": False, "fused": False, "attention": "by device"}
 VARIANTS = {
@@ -62,7 +61,7 @@ def best_options(device):
     return {"amp": "bf16", "channels_last": on_gpu, "fused": True, "compile": on_gpu}
 
 
-class Variant:
+class Setup:
     """A model, optimizer and EMA set up with one combination of options, and its step."""
 
     def __init__(self, options, script, batch_size, device):
@@ -70,8 +69,8 @@ class Variant:
         base = script_defaults(script)
         self.config = {**base, "device": str(device), "batch_size": batch_size,
                        **{key: options[key] for key in ("amp", "compile", "channels_last")}}
-        conditional = script == "MainCondition"
-        model = conditional_unet_of(self.config, 10) if conditional else unet_of(self.config)
+        self.variant = CONDITIONAL if script == "MainCondition" else UNCONDITIONAL
+        model = self.variant.unet(self.config, 10)
         if options["attention"] == "matmul":
             for block in model.modules():
                 if isinstance(block, AttnBlock):
@@ -83,18 +82,20 @@ class Variant:
         self.ema = EMA(model, base["ema_decay"])
         self.trainer = GaussianDiffusionTrainer(compiled(model, options["compile"], announce=False), base["beta_1"],
                                                 base["beta_T"], base["T"]).to(device)
-        self.randomness = GlobalBatchRandomness(torch.Generator(device).manual_seed(0))
-        self.loss = (lambda trainer, x, labels, randomness: guided_loss(trainer, x, labels, randomness, 0.1,
-                                                                         "example")) if conditional else original_loss
+        self.draws = GlobalBatchRandomness(torch.Generator(device).manual_seed(0))
+        self.condition_of = self.variant.condition(self.config)
         self.images = torch.rand(batch_size, 3, 32, 32) * 2 - 1
         self.labels = torch.randint(10, (batch_size,))
 
     def step(self):
         """The body of Train.fit's loop."""
-        x_0 = flip_left_right_at_random(self.images.to(self.device, non_blocking=True), self.randomness)
+        x_0 = flip_left_right_at_random(self.images.to(self.device, non_blocking=True), self.draws)
+        condition = self.condition_of(self.labels.to(self.device, non_blocking=True), self.draws)
+        t, noise = self.draws.randint(self.config["T"], len(x_0), self.device), self.draws.randn_like(x_0)
         with autocast(self.device, self.options["amp"]):
-            loss = self.loss(self.trainer, x_0.contiguous(memory_format=memory_format(self.options["channels_last"])),
-                             self.labels.to(self.device, non_blocking=True), self.randomness)
+            error = self.trainer(x_0.contiguous(memory_format=memory_format(self.options["channels_last"])),
+                                 *condition, t=t, noise=noise)
+            loss = self.variant.loss(error, len(x_0))
         if optimizer_step(loss, self.model, self.optimizer, self.scaler, self.config["grad_clip"]):
             self.ema.update(self.model)
 
@@ -142,7 +143,8 @@ def measure_sampling(variant, steps, device):
     """Images x sampling steps per second of the variant's model under its options."""
     config = {**variant.config, "sampler": "ddim", "sample_steps": steps, "eta": 0.}
     model = variant.model.eval()
-    sampler = sampler_of(config, for_sampling(model, config))
+    sampler = sampler_of(config, under_speed_options(model, config["amp"], config["compile"],
+                                                     config["channels_last"], config["device"]))
     x_T = torch.randn(variant.config["batch_size"], 3, 32, 32, device=device)
     labels = (variant.labels.to(device) + 1,) if isinstance(model, ConditionalUNet) else ()
     sampler(x_T, *labels, progress=False)  # warm-up (compiles)
@@ -187,7 +189,7 @@ def main():
     variants = {}
     for name in names:
         options = {**OPTIONS_OFF, **(VARIANTS[name] if VARIANTS[name] is not None else best_options(device))}
-        variants[name] = Variant(options, script, batch_size, device)
+        variants[name] = Setup(options, script, batch_size, device)
         for _ in range(3 if options["compile"] else 1):  # warm-up (compiles)
             variants[name].step()
     results = {name: [] for name in variants}
@@ -214,7 +216,7 @@ def main():
         print(f"| {name} | {options or 'all off'} | {rate:.1f} | {ratio} | {memory:.0f} | {sampled:.1f} | {sampling_ratio} |")
     if on_gpu and "best" in results:
         peak = args.peak_tflops or next((p for key, p in BF16_PEAK_TFLOPS.items() if key in machine(device)), None)
-        flops = flops_per_image(Variant({**OPTIONS_OFF, "fused": True}, script, batch_size, device))
+        flops = flops_per_image(Setup({**OPTIONS_OFF, "fused": True}, script, batch_size, device))
         rate = statistics.median(r for r, _ in results["best"])
         utilisation = f"{100 * rate * flops / (peak * 1e12):.1f}% of {peak:g} TFLOPS" if peak else "(peak unknown)"
         print(f"\nbest: {flops / 1e9:.1f} GFLOPs per image, model FLOPs utilisation {utilisation}")

@@ -23,8 +23,8 @@ from torch.nn import functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from Diffusion.Machinery.Config import read_config_file  # noqa: E402
-from Diffusion.Machinery.Metrics import dataset_batches, folder_images, reference_images  # noqa: E402
+from Diffusion.Run.Config import read_config_file  # noqa: E402
+from Diffusion.Run.Metrics import dataset_batches, folder_images, reference_images  # noqa: E402
 
 NOISE = ["--eta", "10", "--eta_min_snr", "0.1"]
 SPLIT = NOISE + ["--skip_type", "logSNR_split"]
@@ -71,7 +71,8 @@ def fid_of(name, arguments, args):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/quickstart.json")
-    parser.add_argument("--extractor", type=Path, required=True, help="a StandInClassifier's weights")
+    parser.add_argument("--extractor", type=Path, required=True,
+                        help="the stand-in classifier's TorchScript file (benchmarks/stand_in_classifier.py)")
     parser.add_argument("--out", type=Path, required=True, help="the exports and the reference statistics")
     parser.add_argument("--num_samples", type=int, default=1000)
     parser.add_argument("--data_root", type=Path, default=Path("."), help="where the dataset is (as Main.py's data_root)")

@@ -8,7 +8,7 @@ SMALL, gray, batch 128, lr 2e-4, seed 0) for --epochs epochs with the real `pyth
 CPU thread each, into RUN/<recipe>/ckpt (an interrupted run continues there). At each of
 --points (epochs) its snapshot's EMA weights draw num_samples images per seed with the same
 sampler for every recipe (--sampler, --sample_steps), scored against the training set with
-benchmarks/sampling.py's stand-in classifier (RUN/classifier.pt, trained when missing; its FID
+the stand-in classifier of benchmarks/stand_in_classifier.py (RUN/classifier.pt, trained when missing; its FID
 compares the recipes with each other, not with published numbers). Every recipe does the same
 work per step, so training time is steps at one speed, the median of all the runs' epochs.
 Prints the table and draws FID against minutes of training, one line per recipe, into --plot.
@@ -23,15 +23,16 @@ import time
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.sampling import SMALL, train_classifier  # noqa: E402
+from benchmarks.plots import pyplot  # noqa: E402
+from benchmarks.sampling import SMALL  # noqa: E402
 from benchmarks.speed import cpu_name, script_defaults  # noqa: E402
-from Diffusion.Machinery.Evaluation import Unconditional, export, samplers_of, trained_model  # noqa: E402
-from Diffusion.Machinery.Metrics import report_scores  # noqa: E402
-from Diffusion.Machinery.Processes import Processes  # noqa: E402
+from benchmarks.stand_in_classifier import train_classifier  # noqa: E402
+from Diffusion.Run.Evaluation import PlainGrid, export, samplers_of, trained_model  # noqa: E402
+from Diffusion.Run.Metrics import report_scores  # noqa: E402
+from Diffusion.Run.Processes import Process  # noqa: E402
 from Diffusion.Train import UNCONDITIONAL  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,7 +46,6 @@ RECIPES = {
 }
 TRAINING = {**SMALL, "img_channels": 1, "batch_size": 128, "lr": 2e-4, "multiplier": 2., "seed": 0,
             "num_workers": 0, "save_every": 1, "sample_every": 0, "log_every": 0}
-COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (140, 86, 75), (148, 103, 189)]
 
 
 def folder_of(run, recipe):
@@ -120,8 +120,8 @@ def score_points(args, device, rate):
             for seed in args.seeds:
                 sampled = {**point, "seed": seed,
                            "export_dir": str(folder_of(args.run, recipe) / "samples" / f"epoch{epoch}" / f"seed{seed}")}
-                export(sampled, samplers_of(sampled, UNCONDITIONAL, model, (None,)),
-                       Unconditional.for_eval(sampled, None), Processes(device))
+                export(sampled, samplers_of(sampled, UNCONDITIONAL, model),
+                       PlainGrid.for_eval(sampled, None), Process(device))
                 folders[f"{recipe}, epoch {epoch}, seed {seed}"] = sampled["export_dir"]
             fids = [scores["fid"] for scores in report_scores(point, folders).values()]
             results[recipe].append((steps[epoch] * TRAINING["batch_size"] / rate / 60, fids))
@@ -129,34 +129,21 @@ def score_points(args, device, rate):
 
 
 def plot(results, path, title):
-    """FID (mean over seeds) against minutes, one line per recipe, as a PNG of PIL's drawing."""
-    width, height, margin = 760, 480, 70
-    image = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(image)
-    points = [(m, statistics.mean(f)) for rows in results.values() for m, f in rows]
-    top_minutes = max(m for m, _ in points) * 1.05
-    top_fid = max(f for _, f in points) * 1.1
-
-    def at(minutes, fid):
-        return (margin + (width - 2 * margin) * minutes / top_minutes,
-                height - margin - (height - 2 * margin) * fid / top_fid)
-    draw.line([at(0, 0), at(top_minutes, 0)], fill="black")
-    draw.line([at(0, 0), at(0, top_fid)], fill="black")
-    for tick in range(0, int(top_minutes) + 1, 10):
-        draw.text((at(tick, 0)[0] - 6, height - margin + 6), str(tick), fill="black")
-    for tick in [top_fid * k / 5 for k in range(6)]:
-        draw.text((8, at(0, tick)[1] - 6), f"{tick:.2f}", fill="black")
-    draw.text((width // 2 - 80, height - 30), "minutes of training (1 CPU thread)", fill="black")
-    draw.text((margin, 20), title, fill="black")
-    for (recipe, rows), colour in zip(results.items(), COLOURS):
-        line = [at(m, statistics.mean(f)) for m, f in rows]
-        draw.line(line, fill=colour, width=3)
-        for x, y in line:
-            draw.ellipse([x - 4, y - 4, x + 4, y + 4], fill=colour)
-        legend_y = 40 + 18 * list(results).index(recipe)
-        draw.line([(width - 250, legend_y + 7), (width - 220, legend_y + 7)], fill=colour, width=3)
-        draw.text((width - 212, legend_y), recipe, fill="black")
-    image.save(path)
+    """FID (mean over seeds) against minutes of training, one line with markers per recipe, as a
+    760x480 PNG."""
+    plt = pyplot()
+    figure, axes = plt.subplots(figsize=(7.6, 4.8), dpi=100)
+    for recipe, rows in results.items():
+        axes.plot([minutes for minutes, _ in rows], [statistics.mean(fids) for _, fids in rows],
+                  marker="o", label=recipe)
+    axes.set(title=title, xlabel="minutes of training (1 CPU thread)", ylabel="FID (stand-in features)")
+    axes.set_xlim(left=0)
+    axes.set_ylim(bottom=0)
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
 
 
 def main():
@@ -174,6 +161,7 @@ def main():
     parser.add_argument("--parallel", type=int, default=1)
     parser.add_argument("--plot", default=str(REPO / "docs" / "recipes.png"))
     args = parser.parse_args()
+    pyplot()  # without matplotlib, say so now rather than after the training
     device = torch.device("cpu")
     train(args.recipes, args.run, args.data_root, args.epochs, args.parallel)
     rate = images_per_second(args.run, args.recipes)

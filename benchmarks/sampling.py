@@ -15,8 +15,9 @@ runs the network in bfloat16, 1.7-2.5x faster on a CPU with AVX-512 BF16), timed
 scored against the training set with the same feature extractor; each row gives the FID of
 every seed, their mean, the FID of all seeds' images together (less biased: FID falls as
 the images grow in number) and the seconds per image of the export. Offline, the extractor is a
-StandInClassifier trained here on the dataset's labels (RUN/classifier.pt, trained when
-missing): its FID is NOT the papers' Inception FID, only comparable within the table. The row
+stand-in classifier trained on the dataset's labels (benchmarks/stand_in_classifier.py;
+RUN/classifier.pt, trained when missing): its FID is NOT the papers' Inception FID, only
+comparable within the table. The row
 "training images" scores num_samples real images the same way: the floor that a perfect model
 would reach with so few images (and as many as all seeds' together).
 """
@@ -28,19 +29,19 @@ import time
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageDraw
-from torch.nn import functional as F
-from torch.utils.data import ConcatDataset, DataLoader, Subset, random_split
+from PIL import Image
+from torch.utils.data import ConcatDataset, Subset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.plots import pyplot  # noqa: E402
 from benchmarks.speed import cpu_name, script_defaults  # noqa: E402
-from Diffusion.Machinery.Evaluation import Unconditional, export, samplers_of, trained_model  # noqa: E402
-from Diffusion.Machinery.Images import save_png_atomically, starting_noise  # noqa: E402
-from Diffusion.Machinery.Metrics import (StandInClassifier, dataset_batches, extractor_of, folder_images,  # noqa: E402
-                                         reference_images, report_scores, scores_of)
-from Diffusion.Machinery.Processes import Processes  # noqa: E402
-from Diffusion.Machinery.Sampling import sampler_of  # noqa: E402
+from benchmarks.stand_in_classifier import train_classifier  # noqa: E402
+from Diffusion.Run.Evaluation import PlainGrid, export, samplers_of, trained_model  # noqa: E402
+from Diffusion.Run.Metrics import (dataset_batches, extractor_of, folder_images, reference_images,  # noqa: E402
+                                   report_scores, scores_of)
+from Diffusion.Run.Processes import Process  # noqa: E402
+from Diffusion.Run.Sampling import sampler_of, save_png_atomically, starting_noise  # noqa: E402
 from Diffusion.Train import UNCONDITIONAL, unet_of  # noqa: E402
 from DiffusionFreeGuidence.DiffusionCondition import ClassifierFreeGuidance  # noqa: E402
 from DiffusionFreeGuidence.TrainCondition import unet_of as conditional_unet_of  # noqa: E402
@@ -95,7 +96,7 @@ SPEED_SAMPLERS = ("DDPM-1000", "DDIM-100", "DDIM-25", "DPM-Solver++-20", "UniPC-
 def seconds_per_image(config, model, guided, batch_size, device):
     """Wall-clock seconds of one whole sampling run of batch_size images, per image."""
     sampler = sampler_of(config, ClassifierFreeGuidance(model, 1.8) if guided else model)
-    x_T = starting_noise(batch_size, config, device)
+    x_T = starting_noise(batch_size, config["img_channels"], config["img_size"], device)
     condition = (torch.randint(1, 11, (batch_size,), device=device),) if guided else ()
     with torch.no_grad():  # warm-up: one network evaluation
         sampler.denoise(x_T, torch.full((batch_size,), len(sampler.timesteps) - 1, device=device), *condition)
@@ -122,26 +123,6 @@ def speed_rows(architecture, batch_size, device):
                  for guided in (False, True)}
         rows.append((name, times[False], times[True]))
     return rows
-
-
-def train_classifier(config, path, epochs=3):
-    """A StandInClassifier trained on the labels of the training set (5,000 images held out)."""
-    torch.manual_seed(0)
-    dataset = reference_images(config)
-    training, held_out = random_split(dataset, [len(dataset) - 5000, 5000])
-    classifier = StandInClassifier(num_classes=len(dataset.classes))
-    optimizer = torch.optim.Adam(classifier.parameters(), lr=2e-3)
-    for _ in range(epochs):
-        for images, labels in DataLoader(training, batch_size=256, shuffle=True):
-            optimizer.zero_grad()
-            F.cross_entropy(classifier(images), labels).backward()
-            optimizer.step()
-    classifier.eval()
-    with torch.no_grad():
-        correct = sum((classifier(images).argmax(1) == labels).sum().item()
-                      for images, labels in DataLoader(held_out, batch_size=500))
-    torch.save(classifier.state_dict(), path)
-    return correct / len(held_out)
 
 
 def write_training_images(config, folder, count, first=0):
@@ -179,8 +160,8 @@ def fid_rows(args, device):
             timing = folder.with_suffix(".seconds_per_image")  # of the export drawn in one go
             exported_before = len(list(folder.glob("*.png"))) if folder.is_dir() else 0
             start = time.perf_counter()
-            export(sampler_config, samplers_of(sampler_config, UNCONDITIONAL, model, (None,)),
-                   Unconditional.for_eval(sampler_config, None), Processes(device))
+            export(sampler_config, samplers_of(sampler_config, UNCONDITIONAL, model),
+                   PlainGrid.for_eval(sampler_config, None), Process(device))
             if exported_before == 0:
                 timing.write_text(str((time.perf_counter() - start) / args.num_samples))
             if timing.is_file():
@@ -207,24 +188,31 @@ def pooled_fid(config, folders):
     mean of their FIDs, as FID falls with the number of images)."""
     images = ConcatDataset([folder_images(folder, config["img_size"]) for folder in folders])
     batches = dataset_batches(images, config, f"features of {len(images)} images")
-    return scores_of(batches, config, extractor_of(config["fid_extractor"]))["fid"]
+    return scores_of(batches, config, extractor_of(config["fid_extractor"], config["img_size"]))["fid"]
 
 
 def picture(run, names, path, count=8, scale=4):
-    """The first `count` exported images of seed 0 of each sampler, one row each, labelled: the
-    samplers draw from the same noise per batch, so the columns start alike."""
-    rows = [(name, [Image.open(run / "samples" / name.replace(" ", "_") / "seed0" / f"{index:06d}.png")
-                    for index in range(count)]) for name in names]
-    size = rows[0][1][0].width * scale
-    label_width = 150
-    sheet = Image.new("RGB", (label_width + count * (size + 2), len(rows) * (size + 2)), "white")
-    draw = ImageDraw.Draw(sheet)
-    for row, (name, images) in enumerate(rows):
-        draw.text((4, row * (size + 2) + size // 2 - 6), name, fill="black")
-        for column, image in enumerate(images):
-            sheet.paste(image.convert("RGB").resize((size, size), Image.NEAREST),
-                        (label_width + column * (size + 2), row * (size + 2)))
-    sheet.save(path)
+    """The first `count` exported images of seed 0 of each sampler, one row each, labelled with
+    its name, `scale` pixels per pixel: the samplers draw from the same noise per batch, so the
+    columns start alike."""
+    plt = pyplot()
+    folders = [run / "samples" / name.replace(" ", "_") / "seed0" for name in names]
+    with Image.open(folders[0] / "000000.png") as first:
+        inches = first.width * scale / 100
+    figure, axes = plt.subplots(len(names), count, figsize=(count * inches, len(names) * inches), dpi=100,
+                                squeeze=False)
+    figure.subplots_adjust(left=0, right=1, bottom=0, top=1, wspace=0.05, hspace=0.05)
+    for row, (name, folder) in enumerate(zip(names, folders)):
+        for column, cell in enumerate(axes[row]):
+            with Image.open(folder / f"{column:06d}.png") as image:
+                if image.mode == "L":
+                    cell.imshow(image, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+                else:
+                    cell.imshow(image.convert("RGB"), interpolation="nearest")
+            cell.set(xticks=[], yticks=[])
+        axes[row, 0].set_ylabel(name, rotation=0, ha="right", va="center")
+    figure.savefig(path, bbox_inches="tight")  # widened to the row labels, left of the images
+    plt.close(figure)
     print(f"wrote {path}")
 
 
@@ -253,6 +241,8 @@ def main():
     parser.add_argument("--samplers", type=lambda text: text.split(","), default=None,
                         help="FID: the rows to run, by name (default: all)")
     args = parser.parse_args()
+    if args.picture:
+        pyplot()  # without matplotlib, say so now rather than after the sampling
     device = torch.device(args.device)
     machine = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     print(f"torch {torch.__version__}, {device.type}: {machine}, {torch.get_num_threads()} CPU threads\n")

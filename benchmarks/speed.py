@@ -21,7 +21,7 @@ from torch.utils.benchmark import Timer
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from Diffusion.Diffusion import GaussianDiffusionTrainer  # noqa: E402
-from Diffusion.Machinery.Config import defaults  # noqa: E402
+from Diffusion.Run.Config import defaults  # noqa: E402
 from Diffusion.Model import AttnBlock  # noqa: E402
 from Diffusion.Train import unet_of  # noqa: E402
 from DiffusionFreeGuidence.DiffusionCondition import ClassifierFreeGuidance  # noqa: E402
@@ -32,8 +32,8 @@ def script_defaults(script_name):
     """Every key of Main.py or MainCondition.py with its default."""
     from Diffusion.Train import UNCONDITIONAL
     from DiffusionFreeGuidence.TrainCondition import CONDITIONAL
-    pieces = {"Main": UNCONDITIONAL, "MainCondition": CONDITIONAL}[script_name]
-    return defaults(pieces.keys, importlib.import_module(script_name).modelConfig)
+    variant = {"Main": UNCONDITIONAL, "MainCondition": CONDITIONAL}[script_name]
+    return defaults(variant.keys, importlib.import_module(script_name).modelConfig)
 
 
 def cpu_name():

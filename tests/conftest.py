@@ -69,8 +69,8 @@ TINY_UNCONDITIONAL = {
 }
 
 
-def pieces_of(script_name):
-    """The ModelPieces of a script: Main's unconditional model, MainCondition's guided one."""
+def variant_of(script_name):
+    """The Variant of a script: Main's unconditional model, MainCondition's guided one."""
     from Diffusion.Train import UNCONDITIONAL
     from DiffusionFreeGuidence.TrainCondition import CONDITIONAL
     return {"Main": UNCONDITIONAL, "MainCondition": CONDITIONAL}[script_name]
@@ -78,23 +78,23 @@ def pieces_of(script_name):
 
 def checked(config, script_name="Main"):
     """`config` over the script's modelConfig, completed and checked as the script does it."""
-    from Diffusion.Machinery.Config import complete
-    pieces = pieces_of(script_name)
-    return complete({**importlib.import_module(script_name).modelConfig, **config}, pieces.keys, pieces.absent)
+    from Diffusion.Run.Config import complete
+    variant = variant_of(script_name)
+    return complete({**importlib.import_module(script_name).modelConfig, **config}, variant.keys, variant.absent)
 
 
 def parsed(argv, script_name="Main"):
     """The config a script's command line `argv` gives."""
-    from Diffusion.Machinery.Config import parse_command_line
-    pieces = pieces_of(script_name)
-    return parse_command_line(importlib.import_module(script_name).modelConfig, pieces.keys, pieces.absent, argv)
+    from Diffusion.Run.Config import parse_command_line
+    variant = variant_of(script_name)
+    return parse_command_line(importlib.import_module(script_name).modelConfig, variant.keys, variant.absent, argv)
 
 
 def defaults_of(script_name):
     """Every key of a script (Main or MainCondition) with its default, as --help shows them:
     the keys' defaults overridden by the script's modelConfig."""
-    from Diffusion.Machinery.Config import defaults
-    return defaults(pieces_of(script_name).keys, importlib.import_module(script_name).modelConfig)
+    from Diffusion.Run.Config import defaults
+    return defaults(variant_of(script_name).keys, importlib.import_module(script_name).modelConfig)
 
 
 @pytest.fixture
@@ -268,8 +268,8 @@ def lr_schedules(reference):
 @pytest.fixture
 def sampled_labels(monkeypatch):
     """The labels eval passes to the (real) guided sampler, one list per grid."""
-    from Diffusion.Machinery import Evaluation
-    from Diffusion.Machinery.Sampling import sampler_of
+    from Diffusion.Run import Evaluation
+    from Diffusion.Run.Sampling import sampler_of
     seen = []
 
     def recording_sampler_of(config, network):
@@ -283,6 +283,6 @@ def sampled_labels(monkeypatch):
 
 def training_dataset_of(config, labelled=False):
     """The training dataset of a config dict (Data.training_dataset with its keys)."""
-    from Diffusion.Machinery.Data import training_dataset
+    from Diffusion.Run.Data import training_dataset
     return training_dataset(config["dataset"], config["data_root"], config["img_size"], config["img_channels"],
                             config["max_images"], config["batch_size"], labelled)

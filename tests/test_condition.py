@@ -20,14 +20,13 @@ from conftest import (
     training_dataset_of,
     write_images,
 )
-from Diffusion.Diffusion import SINGLE_PROCESS
-from Diffusion.Machinery import Evaluation
-from Diffusion.Machinery.Checkpoint import RUN_INFO, TRAINING_STATE, read_run_info
-from Diffusion.Machinery.Errors import ConfigError
-from Diffusion.Machinery.Randomness import GlobalBatchRandomness
-from Diffusion.Machinery.RunFolder import LOG, TENSORBOARD
+from Diffusion.Run import Evaluation
+from Diffusion.Run.Checkpoints import RUN_INFO, TRAINING_STATE, read_run_info
+from Diffusion.Run.Config import ConfigError
+from Diffusion.Run.Processes import SINGLE_PROCESS, GlobalBatchRandomness
+from Diffusion.Run.Checkpoints import LOG, TENSORBOARD
 from DiffusionFreeGuidence import DiffusionCondition, ModelCondition, TrainCondition
-from DiffusionFreeGuidence.TrainCondition import drop_labels, guided_loss
+from DiffusionFreeGuidence.TrainCondition import condition_of, drop_labels, guided_loss
 
 
 def png_size(path):
@@ -115,8 +114,8 @@ def test_training_shifts_labels_so_that_0_is_the_null_label(p_uncond, seen):
 
     model = Recording()
     trainer = DiffusionCondition.GaussianDiffusionTrainer(model, 1e-4, 0.02, 10)
-    loss = guided_loss(trainer, torch.zeros(3, 3, 4, 4), torch.tensor([0, 1, 2]), SINGLE_PROCESS,
-                       p_uncond=p_uncond, label_dropout="example")
+    condition = condition_of({"p_uncond": p_uncond, "label_dropout": "example"})
+    loss = guided_loss(trainer(torch.zeros(3, 3, 4, 4), *condition(torch.tensor([0, 1, 2]), SINGLE_PROCESS)), 3)
     assert model.labels.tolist() == seen
     assert loss.shape == () and torch.isfinite(loss)
 

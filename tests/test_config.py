@@ -9,12 +9,12 @@ import torch
 import Main
 import MainCondition
 from conftest import REPO, as_arguments, defaults_of, parsed, run_script
-from Diffusion.Machinery.Checkpoint import unet_config_of
-from Diffusion.Machinery.Errors import ConfigError
+from Diffusion.Run.Checkpoints import unet_config_of
+from Diffusion.Run.Config import ConfigError
 from Diffusion.Train import UNCONDITIONAL
 from DiffusionFreeGuidence.TrainCondition import CONDITIONAL
 
-PIECES = {Main: UNCONDITIONAL, MainCondition: CONDITIONAL}
+VARIANTS = {Main: UNCONDITIONAL, MainCondition: CONDITIONAL}
 
 
 def command_line_error(argv, capsys, script="Main"):
@@ -93,7 +93,7 @@ def test_help_lists_every_key_with_its_default(script, capsys):
     unwrapped = text.replace(" ", "")  # argparse also breaks lines after hyphens
     for key, value in defaults_of(script.__name__).items():
         assert f"--{key} " in text
-        assert f"{PIECES[script].keys[key].meaning} (default: {value!r})".replace(" ", "") in unwrapped, key
+        assert f"{VARIANTS[script].keys[key].meaning} (default: {value!r})".replace(" ", "") in unwrapped, key
 
 
 def test_config_file_applies_and_command_line_keys_override_it(tmp_path):
@@ -192,15 +192,15 @@ def test_the_scripts_dicts_hold_the_originals_keys_with_the_defaults_of_the_key_
     key tables give them, so a dict of the original's keys and the tables say the same."""
     originals = json.loads((reference / "api.json").read_text())["modelConfig"]
     for script in (Main, MainCondition):
-        keys = PIECES[script].keys
+        keys = VARIANTS[script].keys
         assert list(script.modelConfig) == list(originals[f"{script.__name__}.py"])
         assert {key: keys[key].default for key in script.modelConfig} == script.modelConfig
 
 
 def test_a_keys_type_comes_from_its_default_unless_its_key_says_more():
     """Only a key whose default is None, or that takes a list for a number, names its type."""
-    for pieces in PIECES.values():
-        for key, spec in pieces.keys.items():
+    for variant in VARIANTS.values():
+        for key, spec in variant.keys.items():
             if spec.kind is not None:
                 assert spec.default is None or key == "w", key
 

@@ -54,7 +54,7 @@ def test_sampler_coefficients_match_the_original_schedule(golden):
         torch.testing.assert_close(got, expected[name], rtol=1e-12, atol=0)
 
 
-def test_noise_prediction_error_is_algorithm_1_unreduced():
+def test_trainer_gives_algorithm_1_unreduced_at_the_given_t_and_noise():
     T = 10
     torch.manual_seed(0)
     model = KnownEps()
@@ -63,7 +63,7 @@ def test_noise_prediction_error_is_algorithm_1_unreduced():
     noise = torch.randn_like(x_0)
     t = torch.tensor([0, 3, 7, 9])
 
-    got = trainer.noise_prediction_error(x_0, t, noise)
+    got = trainer(x_0, t=t, noise=noise)
 
     _, _, alphas_bar = schedule(T)
     a = alphas_bar[t].view(-1, 1, 1, 1)

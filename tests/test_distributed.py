@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import REPO, as_arguments, log_lines, run_or_fail, script_config, write_images
-from Diffusion.Machinery.Checkpoint import TRAINING_STATE
+from Diffusion.Run.Checkpoints import TRAINING_STATE
 
 RUN = {"T": 10, "channel": 32, "channel_mult": [1, 2], "attn": [1], "num_res_blocks": 1,
        "img_size": 8, "epoch": 2, "dropout": 0., "num_workers": 0, "device": "cpu", "seed": 0,

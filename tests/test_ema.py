@@ -10,10 +10,10 @@ from PIL import Image
 import Main
 from conftest import TINY_UNCONDITIONAL, defaults_of, write_images
 from Diffusion import Train
-from Diffusion.Machinery.Checkpoint import TRAINING_STATE
-from Diffusion.Machinery.Errors import ConfigError
+from Diffusion.Run.Checkpoints import TRAINING_STATE
+from Diffusion.Run.Config import ConfigError
 from Diffusion.EMA import EMA, ema_decay_at
-from Diffusion.Machinery.TrainingState import ema_weights
+from Diffusion.Run.Checkpoints import ema_weights
 
 
 def test_ema_lags_the_raw_weights_as_the_decay_says():

@@ -33,7 +33,7 @@ from conftest import (
     write_mnist_files,
 )
 from Diffusion import Train
-from Diffusion.Machinery.Checkpoint import (
+from Diffusion.Run.Checkpoints import (
     RUN_INFO,
     TRAINING_STATE,
     class_names,
@@ -43,9 +43,11 @@ from Diffusion.Machinery.Checkpoint import (
     save_atomically,
     write_run_info,
 )
-from Diffusion.Machinery.Data import CIFAR10_CLASSES
-from Diffusion.Machinery.Errors import ConfigError, DataUnavailable, SaveFailed
-from Diffusion.Machinery.ScheduleCheck import (
+from Diffusion.Run.Data import CIFAR10_CLASSES
+from Diffusion.Run.Checkpoints import SaveFailed
+from Diffusion.Run.Config import ConfigError
+from Diffusion.Run.Data import DataUnavailable
+from Diffusion.Run.Sampling import (
     SIGNAL_LEFT_LIMIT,
     beta_T_that_removes_the_signal,
     signal_left_at_T,

@@ -13,10 +13,10 @@ import torch
 from conftest import run_script
 from torch import nn
 
-from Diffusion.Machinery.Checkpoint import TIME_TABLE
-from Diffusion.Machinery.Errors import ConfigError
-from Diffusion.Machinery.ImportWeights import CHECKPOINT_NAME, convert, import_weights, tensor_mapping
-from Diffusion.Machinery.OfficialModel import DiffusersNames, official_time_table, options_of_diffusers_config
+from Diffusion.Run.Checkpoints import TIME_TABLE
+from Diffusion.Run.Config import ConfigError
+from Conversion.Import import CHECKPOINT_NAME, convert, import_weights, tensor_mapping
+from Conversion.SourceNames import DiffusersNames, official_time_table, options_of_diffusers_config
 from Diffusion.Model import UNet
 from Diffusion.Train import unet_of
 

@@ -8,10 +8,10 @@ import torch
 from PIL import Image
 
 import Main
-from conftest import as_arguments, run_or_fail
-from Diffusion.Machinery import Metrics
-from Diffusion.Machinery.Errors import ConfigError
-from Diffusion.Machinery.Metrics import StandInClassifier, report_scores, statistics_file
+from conftest import as_arguments, defaults_of, run_or_fail
+from benchmarks.stand_in_classifier import StandInClassifier, save_extractor
+from Diffusion.Run.Config import ConfigError
+from Diffusion.Run.Metrics import report_scores, statistics_file
 
 
 def smooth_images(folder, count, size=16, seed=0):
@@ -38,17 +38,17 @@ def noisy_copy(source, folder, sigma, seed=1):
 
 @pytest.fixture
 def tiny_extractor(tmp_path):
-    """The weights file of a small random StandInClassifier (16 features, 4 classes)."""
+    """The TorchScript file of a small random StandInClassifier (16 features, 4 classes)."""
     torch.manual_seed(0)
     path = tmp_path / "classifier.pt"
-    torch.save(StandInClassifier(num_classes=4, width=4).state_dict(), path)
+    save_extractor(StandInClassifier(num_classes=4, width=4), path)
     return path
 
 
 @pytest.fixture
 def metrics_config(tmp_path, tiny_extractor):
     dataset = smooth_images(tmp_path / "training", 48)
-    return {**Main.modelConfig, "dataset": str(dataset), "img_size": 16, "batch_size": 16,
+    return {**defaults_of("Main"), "dataset": str(dataset), "img_size": 16, "batch_size": 16,
             "num_workers": 0, "device": "cpu", "fid_extractor": str(tiny_extractor),
             "fid_stats_dir": str(tmp_path / "stats")}
 
@@ -79,7 +79,7 @@ def test_training_statistics_are_cached_and_reused(metrics_config, tmp_path):
 def test_another_extractor_gets_its_own_statistics(metrics_config, tmp_path):
     torch.manual_seed(1)
     other = tmp_path / "other.pt"
-    torch.save(StandInClassifier(num_classes=4, width=4).state_dict(), other)
+    save_extractor(StandInClassifier(num_classes=4, width=4), other)
     assert statistics_file(metrics_config) != statistics_file({**metrics_config, "fid_extractor": str(other)})
 
 

@@ -1,4 +1,4 @@
-"""State nll (Diffusion/Machinery/NLL.py): bits/dim of held-out images with their parts, from a
+"""State nll (Diffusion/Run/Evaluation.py): bits/dim of held-out images with their parts, from a
 folder or a dataset's test split, for both models, on one process or two."""
 import re
 import subprocess

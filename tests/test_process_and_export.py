@@ -11,13 +11,12 @@ import Main
 import MainCondition
 from conftest import grid_size
 from Diffusion.Diffusion import GaussianDiffusionSampler
-from Diffusion.Machinery.Processes import Processes
-from Diffusion.Machinery.Export import export_samples
-from Diffusion.Machinery.Images import starting_noise
-from Diffusion.Machinery.DenoisingProcess import ProcessRecorder
+from Diffusion.Run.Evaluation import ProcessRecorder
+from Diffusion.Run.Processes import Process
+from Diffusion.Run.Sampling import export_samples, starting_noise
 from test_diffusion import BETA_1, BETA_T, KnownEps
 
-ONE_CPU_PROCESS = Processes(torch.device("cpu"))
+ONE_CPU_PROCESS = Process(torch.device("cpu"))
 
 
 def pixels(path):
@@ -133,8 +132,8 @@ def export_with(model, folder, drawn=None):
     def draw(first, count):
         if drawn is not None:
             drawn.append((first, count))
-        return sampler(starting_noise(count, {"img_channels": 3, "img_size": 4}, "cpu"), progress=False)
-    return export_samples(draw, str(folder), num_samples=7, batch_size=3, processes=ONE_CPU_PROCESS, seed=11)
+        return sampler(starting_noise(count, 3, 4, "cpu"), progress=False)
+    return export_samples(draw, str(folder), num_samples=7, batch_size=3, process=ONE_CPU_PROCESS, seed=11)
 
 
 def test_export_continues_after_an_interruption_with_the_same_images(tmp_path):

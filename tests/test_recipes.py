@@ -11,17 +11,11 @@ import Main
 import MainCondition
 from conftest import TINY_CONDITIONAL, defaults_of, write_images
 from Diffusion.Diffusion import GaussianDiffusionTrainer
-from Diffusion.Machinery.Errors import ConfigError
-from Diffusion.Machinery.Evaluation import samplers_of, trained_model
-from Diffusion.Machinery.Keys import SAMPLERS
-from Diffusion.Schedule import (
-    PREDICTIONS,
-    cosine_betas,
-    eps_and_x0,
-    linear_betas,
-    min_snr_weight,
-    target_of,
-)
+from Diffusion.Run.Config import ConfigError
+from Diffusion.Run.Evaluation import samplers_of, trained_model
+from Diffusion.Run.Keys import SAMPLERS
+from Diffusion.Diffusion import PREDICTIONS, eps_and_x0, min_snr_weight, target_of
+from Diffusion.Schedule import cosine_betas, linear_betas
 from Diffusion.Train import UNCONDITIONAL
 from DiffusionFreeGuidence.TrainCondition import CONDITIONAL
 
@@ -90,9 +84,9 @@ def test_a_model_that_outputs_the_exact_target_has_loss_0(prediction, beta_sched
     x_0, eps, t = torch.rand(4, 3, 8, 8) * 2 - 1, torch.randn(4, 3, 8, 8), torch.tensor([0, 10, 500, 999])
     trainer = GaussianDiffusionTrainer(None, 1e-4, 0.02, 1000, beta_schedule, prediction, loss_weight)
     trainer.model = Oracle(prediction, x_0, eps, trainer)
-    assert trainer.noise_prediction_error(x_0, t, eps).abs().max() == 0
+    assert trainer(x_0, t=t, noise=eps).abs().max() == 0
     trainer.model = Oracle(prediction, x_0 + 0.1, eps + 0.1, trainer)  # a wrong target is not
-    assert trainer.noise_prediction_error(x_0, t, eps).sum() > 0
+    assert trainer(x_0, t=t, noise=eps).sum() > 0
 
 
 # --- both models train and sample with every option -------------------------------------------
@@ -109,10 +103,10 @@ def trained_runs(tmp_path_factory):
         write_images(root / "images" / name, 6, size=(8, 8), seed=seed)
     runs = {}
     for option, changes in OPTIONS.items():
-        for script, pieces in (("Main", UNCONDITIONAL), ("MainCondition", CONDITIONAL)):
+        for script, variant in (("Main", UNCONDITIONAL), ("MainCondition", CONDITIONAL)):
             config = {**defaults_of(script), **TINY_CONDITIONAL, **changes, "dataset": str(root / "images"),
                       "sample_every": 0, "sampled_dir": str(root / "unused"),
-                      pieces.folder_key: str(root / f"{script}-{option}")}
+                      variant.checkpoints_key: str(root / f"{script}-{option}")}
             if script == "Main":
                 config["attn"] = [1]
             (Main if script == "Main" else MainCondition).main(config)
@@ -125,11 +119,12 @@ def trained_runs(tmp_path_factory):
 def test_each_option_trains_a_model_that_samples_finite_images_with_every_sampler(trained_runs, script, option):
     config = {**trained_runs[script, option], "state": "eval", "test_load_weight": "ckpt_0_.pt",
               "sample_steps": 5, "clip_denoised": False}
-    pieces = UNCONDITIONAL if script == "Main" else CONDITIONAL
-    model, num_labels = trained_model(config, pieces, torch.device("cpu"))
+    variant = UNCONDITIONAL if script == "Main" else CONDITIONAL
+    model, num_labels = trained_model(config, variant, torch.device("cpu"))
     condition = () if num_labels is None else (torch.tensor([1, 2, 1]),)
     for sampler in SAMPLERS:
-        ((w, sampling),) = samplers_of({**config, "sampler": sampler}, pieces, model, [None if num_labels is None else 2.])
+        guidance = {} if num_labels is None else {"w": 2.}
+        ((w, sampling),) = samplers_of({**config, "sampler": sampler, **guidance}, variant, model)
         images = sampling(torch.randn(3, 3, 8, 8), *condition, progress=False)
         assert torch.isfinite(images).all(), (sampler, w)
 

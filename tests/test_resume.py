@@ -20,7 +20,7 @@ from conftest import (
     wait_until,
     write_images,
 )
-from Diffusion.Machinery.Checkpoint import TRAINING_STATE
+from Diffusion.Run.Checkpoints import TRAINING_STATE
 
 # 32 images of batch 4: 8 steps per epoch, 24 in all; dropout on, so every generator matters.
 RUN = {"T": 10, "channel": 32, "channel_mult": [1, 2], "attn": [1], "num_res_blocks": 1,

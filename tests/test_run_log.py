@@ -8,8 +8,8 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from Diffusion import Train
-from Diffusion.Machinery.Checkpoint import TRAINING_STATE
-from Diffusion.Machinery.RunFolder import LOG, PREVIEWS, TENSORBOARD
+from Diffusion.Run.Checkpoints import TRAINING_STATE
+from Diffusion.Run.Checkpoints import LOG, PREVIEWS, TENSORBOARD
 
 
 def test_the_log_has_a_line_per_log_every_steps_and_per_epoch(tiny_config, capsys):

@@ -10,11 +10,12 @@ from PIL import Image
 
 import Main
 from conftest import as_arguments, defaults_of, run_or_fail
-from Diffusion.Machinery.Errors import ConfigError
+from Diffusion.Run.Config import ConfigError
 from Diffusion.DDIM import DDIMSampler
 from Diffusion.Diffusion import GaussianDiffusionSampler, linear_betas, sampling_timesteps
-from Diffusion.Machinery.Sampling import sampler_of
-from Diffusion.Schedule import eps_and_x0, logsnr_timesteps
+from Diffusion.Run.Sampling import sampler_of
+from Diffusion.Diffusion import eps_and_x0
+from Diffusion.Schedule import logsnr_timesteps
 from Diffusion.Solvers import SolverSampler, dpm_solver_pp, unipc
 from DiffusionFreeGuidence import ModelCondition
 from DiffusionFreeGuidence.DiffusionCondition import ClassifierFreeGuidance

@@ -10,10 +10,9 @@ import torch
 import Main
 from conftest import as_arguments, run_or_fail, run_script
 from Diffusion import Train
-from Diffusion.Machinery.Checkpoint import TRAINING_STATE
-from Diffusion.Machinery.Errors import ConfigError
-from Diffusion.Machinery.Sampling import sampler_of
-from Diffusion.Machinery.Speed import for_sampling
+from Diffusion.Run.Checkpoints import TRAINING_STATE
+from Diffusion.Run.Config import ConfigError
+from Diffusion.Run.Sampling import sampler_of, under_speed_options
 
 
 def test_bf16_channels_last_training_loads_and_samples_without_them(tiny_config, tmp_path):
@@ -60,7 +59,8 @@ def test_sampling_under_bf16_keeps_x_t_float32_and_close_to_float32_sampling(tin
     samples = {}
     for amp in ("none", "bf16"):
         options = {**config, "amp": amp, "channels_last": amp == "bf16"}
-        sampler = sampler_of(options, for_sampling(model, options))
+        sampler = sampler_of(options, under_speed_options(model, options["amp"], options["compile"],
+                                                          options["channels_last"], options["device"]))
         samples[amp] = sampler(x_T, progress=False, on_step=lambda x_t, x_0: seen.append(x_t.dtype))
     assert set(seen) == {torch.float32}
     assert samples["bf16"].dtype == torch.float32

@@ -13,12 +13,14 @@ from PIL import Image
 import Main
 from conftest import as_arguments, grid_size, run_or_fail, training_dataset_of
 from Diffusion import Train
-from Diffusion.Machinery.Checkpoint import RUN_INFO, TRAINING_STATE, save_atomically
-from Diffusion.Machinery.Errors import ConfigError, DataUnavailable
-from Diffusion.Machinery.Data import training_loader
-from Diffusion.Machinery.Processes import EpochSampler, Processes
-from Diffusion.Machinery.RunFolder import LOG, TENSORBOARD
-from Diffusion.Machinery.TrainingState import TrainingState, start
+from Diffusion.Run.Checkpoints import RUN_INFO, TRAINING_STATE, save_atomically
+from Diffusion.Run.Config import ConfigError
+from Diffusion.Run.Data import DataUnavailable
+from Diffusion.Run.Data import training_loader
+from Diffusion.Run.Data import EpochSampler
+from Diffusion.Run.Processes import Process
+from Diffusion.Run.Checkpoints import LOG, TENSORBOARD
+from Diffusion.Run.TrainingState import TrainingState, begin_or_continue
 from Scheduler import GradualWarmupScheduler
 
 
@@ -185,16 +187,16 @@ def test_a_plain_checkpoint_continues_from_its_weights_at_the_next_epoch(tiny_co
 
 
 def schedule_after_continuing(config):
-    """Continue (TrainingState.start) on a model, optimizer and schedule built as Train.fit
+    """Continue (TrainingState.begin_or_continue) on a model, optimizer and schedule built as Train.fit
     builds them: the first epoch to train and the LR it trains with."""
     model = Train.unet_of(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=1e-4)
     scheduler = GradualWarmupScheduler(optimizer, config["multiplier"], config["epoch"] // 10,
                                        torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, config["epoch"]))
     state = TrainingState(model, None, optimizer, scheduler, torch.amp.GradScaler("cpu", enabled=False),
-                          Processes(torch.device("cpu")), config["batch_size"])
-    start(state, config["save_weight_dir"], "save_weight_dir", config["training_load_weight"], config["seed"],
-          config["overwrite"])
+                          Process(torch.device("cpu")), config["batch_size"])
+    begin_or_continue(state, config["save_weight_dir"], "save_weight_dir", config["training_load_weight"], config["seed"],
+                      config["overwrite"])
     return state.epoch, optimizer.param_groups[0]["lr"]
 
 
@@ -259,7 +261,7 @@ def test_every_image_becomes_rgb_of_img_size_in_minus_1_1(tiny_config, odd_image
 def test_loader_gives_full_shuffled_batches_of_images_and_labels(tiny_config, image_folder):
     config = {**tiny_config, "batch_size": 6}
     dataset = dataset_of(config, image_folder)
-    loader = training_loader(dataset, config["batch_size"], 0, EpochSampler(dataset, Processes(torch.device("cpu")), seed=0),
+    loader = training_loader(dataset, config["batch_size"], 0, EpochSampler(dataset, Process(torch.device("cpu")), seed=0),
                              "cpu")
     batches = list(loader)
     assert len(batches) == 2  # 16 images: the incomplete third batch is dropped

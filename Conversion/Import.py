@@ -19,9 +19,7 @@ import os
 
 from torch import nn
 
-from Diffusion.Machinery.Checkpoint import TIME_TABLE, load_tensors, save_atomically
-from Diffusion.Machinery.Errors import ConfigError
-from Diffusion.Machinery.OfficialModel import (
+from Conversion.SourceNames import (
     OFFICIAL_OPTIONS,
     architecture_of,
     names_of,
@@ -30,6 +28,8 @@ from Diffusion.Machinery.OfficialModel import (
     some_of,
 )
 from Diffusion.Model import AttnBlock, ResBlock, UNet
+from Diffusion.Run.Checkpoints import TIME_TABLE, load_tensors, save_atomically
+from Diffusion.Run.Config import ConfigError
 
 CHECKPOINT_NAME = "ckpt_official_.pt"
 CONFIG_NAME = "config.json"

@@ -3,35 +3,34 @@ main()), then the state it asks for. Whatever stops a run (a config mistake, a f
 process, a stop request) is said in one sentence instead of a traceback."""
 import sys
 
-from Diffusion.Machinery.Config import complete, parse_command_line
-from Diffusion.Machinery.Errors import RunError
-from Diffusion.Machinery.Evaluation import evaluate, score
-from Diffusion.Machinery.Interrupt import TrainingStopped
-from Diffusion.Machinery.NLL import likelihood
+from Diffusion.Run.Config import RunError, complete, parse_command_line
+from Diffusion.Run.Evaluation import evaluate, likelihood, score
+from Diffusion.Run.TrainingRun import TrainingStopped
 from Diffusion.Train import fit
 
 STATES = {"train": fit, "eval": evaluate, "fid": score, "nll": likelihood}
 
 
-def run_state(model_config, pieces):
-    """Complete and check `model_config` for the model of `pieces`, then run its "state"."""
-    config = complete(model_config, pieces.keys, pieces.absent)
-    STATES[config["state"]](config, pieces)
+def run_state(model_config, variant):
+    """Complete and check `model_config` for `variant` (the unconditional or the guided model),
+    then run its "state"."""
+    config = complete(model_config, variant.keys, variant.absent)
+    STATES[config["state"]](config, variant)
 
 
-def run_script(main, script_config, pieces, description):
+def run_script(main, script_config, variant, description):
     """Run `main(config)` with the script's `script_config` overridden by the command line;
     an error that stops the run ends the program with its message instead of a traceback."""
-    config = parse_command_line(script_config, pieces.keys, pieces.absent, sys.argv[1:], description)
+    config = parse_command_line(script_config, variant.keys, variant.absent, sys.argv[1:], description)
     try:
         main(config)
     except RunError as error:
-        say_last(f"error: {error}", 1)
+        exit_with(f"error: {error}", 1)
     except TrainingStopped as stopped:
-        say_last(str(stopped), stopped.exit_status)
+        exit_with(str(stopped), stopped.exit_status)
 
 
-def say_last(sentence, exit_status):
+def exit_with(sentence, exit_status):
     """End the program with `sentence` on stderr, written in one piece (a launcher's own lines
     on the same stream cannot cut into it)."""
     sys.stderr.write(f"{sentence}\n")

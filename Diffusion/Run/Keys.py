@@ -12,8 +12,9 @@ from typing import Any
 
 import torch
 
+from Diffusion.Diffusion import PREDICTIONS
 from Diffusion.Model import DOWNSAMPLE_PADDINGS
-from Diffusion.Schedule import BETA_SCHEDULES, PREDICTIONS
+from Diffusion.Schedule import BETA_SCHEDULES
 
 STATES = ("train", "eval", "fid", "nll")
 SAMPLERS = ("ddpm", "ddim", "dpmsolver++", "unipc")
@@ -126,7 +127,7 @@ KEYS = {
                             "num_samples samples)", kind=str),
     "fid_extractor": Key("inception", "features of FID and IS: inception (the TensorFlow Inception-v3 "
                                       "of the papers, installed by requirements-optional.txt) or a "
-                                      "StandInClassifier file"),
+                                      "TorchScript file of another network (docs/fid.md)"),
     "fid_stats_dir": Key("./FidStats/", "folder caching the training set's FID statistics"),
     "fid_every": Key(0, "epochs between FIDs of the EMA weights while training, in the run log and "
                         "TensorBoard (0: never)"),

@@ -1,42 +1,48 @@
-"""Training images: CIFAR-10, any torchvision dataset of the same form, or a folder of images.
+"""Images: CIFAR-10, any torchvision dataset of the same form, or a folder of images; for
+training, for the NLL's held-out images and for FID's reference statistics alike.
 
 Every image becomes RGB (or grayscale, with img_channels 1), is fitted to img_size (resized,
-centre-cropped) and scaled to [-1, 1]; training then flips it left-right at random
-(Randomness.flip_left_right_at_random, on the device, so that a continued run sees the same
-flips). For CIFAR-10 at 32x32 this is the original's pipeline. An image file of a folder that
-PIL cannot read is skipped with a warning naming it.
+centre-cropped) and scaled to [-1, 1]; training then flips it left-right at random (on the
+device, drawn so that a continued run sees the same flips), in the order of `EpochSampler`. For
+CIFAR-10 at 32x32 this is the original's pipeline. An image file of a folder that PIL cannot read
+is skipped with a warning naming it.
 """
 import difflib
+import itertools
 import os
+import signal
 import sys
 
 import torch
 import torchvision
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from torchvision.datasets.folder import IMG_EXTENSIONS, ImageFolder, default_loader
 from torchvision.datasets.utils import check_integrity
 from torchvision.transforms import v2 as transforms
 from tqdm import tqdm
 
-from Diffusion.Machinery.Errors import ConfigError, DataUnavailable
-from Diffusion.Machinery.Interrupt import ignore_ctrl_c
+from Diffusion.Run.Config import ConfigError, RunError
 
 # torchvision reads CIFAR-10's class names from the dataset's files; eval needs them without.
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 UNREADABLE_IMAGE_ERRORS = (OSError, SyntaxError, Image.DecompressionBombError)
 
 
-def training_transform(img_size, img_channels=3):
-    """PIL image -> [img_channels, img_size, img_size] in [-1, 1] (3: RGB, 1: grayscale)."""
-    return transforms.Compose([
-        transforms.RGB() if img_channels == 3 else transforms.Grayscale(1),
-        transforms.Resize(img_size),
-        transforms.CenterCrop(img_size),
-        transforms.ToImage(),
-        transforms.ToDtype(torch.float32, scale=True),
-        transforms.Normalize([0.5] * img_channels, [0.5] * img_channels),
-    ])
+class DataUnavailable(RunError):
+    """The images cannot be had: no readable image, or a dataset that can be neither loaded nor
+    downloaded."""
+
+
+def image_transform(img_size, img_channels=3, for_model=True):
+    """PIL image -> [img_channels, img_size, img_size] (3: RGB, 1: grayscale), fitted to img_size:
+    float in [-1, 1] as the model sees it, or uint8 as FID reads it (for_model False)."""
+    fitted = [transforms.RGB() if img_channels == 3 else transforms.Grayscale(1),
+              transforms.Resize(img_size), transforms.CenterCrop(img_size), transforms.ToImage()]
+    if not for_model:
+        return transforms.Compose(fitted)
+    return transforms.Compose([*fitted, transforms.ToDtype(torch.float32, scale=True),
+                               transforms.Normalize([0.5] * img_channels, [0.5] * img_channels)])
 
 
 _skipped_files = set()  # the unreadable images this process has warned about
@@ -207,16 +213,20 @@ def torchvision_dataset(name, data_root, transform, train=True):
                               f"folder of images.") from None
 
 
+def dataset_of(name, data_root, transform, labelled=False, train=True):
+    """The dataset `name`: a torchvision dataset in data_root (its test split with train False),
+    or a folder of images (`labelled`: one subfolder per class)."""
+    if is_torchvision_dataset(name):
+        return torchvision_dataset(name, data_root, transform, train)
+    return image_folder(name, transform, labelled)
+
+
 def training_dataset(name, data_root, img_size, img_channels, max_images, batch_size, labelled=False):
     """The dataset `name` (a torchvision dataset in data_root, or a folder of images), its
     images fitted to img_size with img_channels, cut to a fixed random max_images of them (None:
     all); its `.classes` names the classes (empty without labels). `labelled`: the model trains
     on its labels, so it must have some."""
-    transform = training_transform(img_size, img_channels)
-    if is_torchvision_dataset(name):
-        dataset = torchvision_dataset(name, data_root, transform)
-    else:
-        dataset = image_folder(name, transform, labelled)
+    dataset = dataset_of(name, data_root, image_transform(img_size, img_channels), labelled)
     classes = list(getattr(dataset, "classes", None) or [])
     if labelled and not classes:
         raise ConfigError(f"dataset {name!r} has no class labels (no .classes): the "
@@ -232,6 +242,33 @@ def training_dataset(name, data_root, img_size, img_channels, max_images, batch_
     return dataset
 
 
+class EpochSampler(DistributedSampler):
+    """The data order: epoch e is a random permutation seeded by seed + e, of which this process
+    takes every world_size-th image (DistributedSampler); `start_epoch` can begin `skip` images
+    into it, where a stopped run left off."""
+
+    def __init__(self, dataset, process, seed):
+        super().__init__(dataset, num_replicas=process.world_size, rank=process.rank,
+                         shuffle=True, seed=seed, drop_last=True)
+        self.skip = 0
+
+    def start_epoch(self, epoch, skip=0):
+        self.set_epoch(epoch)
+        self.skip = skip
+
+    def __iter__(self):
+        return itertools.islice(super().__iter__(), self.skip, None)
+
+    def __len__(self):
+        return super().__len__() - self.skip
+
+
+def ignore_ctrl_c(worker_id=None):
+    """For data-loading workers: Ctrl-C reaches every process of the terminal's group, and the
+    main process alone decides when to stop."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def training_loader(dataset, batch_size, num_workers, sampler, device):
     """Batches of (images [B, C, img_size, img_size] in [-1, 1], labels [B]) in the order of
     `sampler`; the last incomplete batch is dropped."""
@@ -241,3 +278,11 @@ def training_loader(dataset, batch_size, num_workers, sampler, device):
                       num_workers=num_workers, persistent_workers=num_workers > 0,
                       pin_memory=torch.device(device).type == "cuda", worker_init_fn=ignore_ctrl_c,
                       generator=torch.Generator())
+
+
+def flip_left_right_at_random(images, draws):
+    """Each image [B, C, H, W] mirrored left-right with probability 1/2 (the original's
+    RandomHorizontalFlip, drawn from `draws`, a GlobalBatchRandomness, so that a continued run
+    sees the same flips)."""
+    flip = draws.rand(images.shape[0], images.device) < 0.5
+    return torch.where(flip[:, None, None, None], images.flip(-1), images)

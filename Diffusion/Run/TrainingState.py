@@ -9,34 +9,33 @@ decides where a run begins: a new run, or a continuation (see `continue_run`).
 """
 import os
 
-from tqdm import tqdm
-
-from Diffusion.Machinery.Checkpoint import (
+from Diffusion.Run.Checkpoints import (
+    STATE_FORMAT,
     TRAINING_STATE,
+    clear_run,
+    describe_run,
     epoch_of,
+    is_training_state,
     list_checkpoints,
     load_into,
-    load_tensors,
     read_run_info,
     read_state_dict,
+    run_files,
     safe_load,
     save_atomically,
+    state_ends_epoch,
 )
-from Diffusion.Machinery.Errors import ConfigError
-from Diffusion.Machinery.Processes import common_seed, gather
-from Diffusion.Machinery.Randomness import batch_generator, restore_rng_states, rng_states, seed_process
-from Diffusion.Machinery.RunFolder import clear_run, describe_run, run_files
-
-STATE_FORMAT = "simplest-ddpm training state 1"
+from Diffusion.Run.Config import ConfigError
+from Diffusion.Run.Processes import batch_generator, common_seed, gather, restore_rng_states, rng_states, seed_process
 
 
 class TrainingState:
     """The objects a run trains and where it is: `epoch` (the one being trained, 0-based),
     `step_in_epoch` (optimizer steps taken in it) and `step` (in all)."""
 
-    def __init__(self, model, ema, optimizer, scheduler, scaler, processes, batch_size):
+    def __init__(self, model, ema, optimizer, scheduler, scaler, process, batch_size):
         self.model, self.ema, self.optimizer = model, ema, optimizer
-        self.scheduler, self.scaler, self.processes = scheduler, scaler, processes
+        self.scheduler, self.scaler, self.process = scheduler, scaler, process
         self.batch_size = batch_size
         self.epoch = self.step_in_epoch = self.step = 0
         self.skipped_steps = self.non_finite_in_a_row = 0  # steps whose gradients were not finite
@@ -45,8 +44,8 @@ class TrainingState:
     def seed_with(self, seed):
         """Seed this process (seed + rank) and the batch generator (seed, the same in all)."""
         self.seed = seed
-        seed_process(seed, self.processes.rank)
-        self.generator = batch_generator(seed, self.processes.device)
+        seed_process(seed, self.process.rank)
+        self.generator = batch_generator(seed, self.process.device)
 
     def next_epoch(self):
         self.epoch += 1
@@ -54,12 +53,12 @@ class TrainingState:
 
     def state_dict(self):
         """The state of every process (each process must call this: it gathers their RNGs)."""
-        rngs = gather(rng_states(self.processes.device, self.generator), self.processes)
+        rngs = gather(rng_states(self.process.device, self.generator), self.process)
         return {
             "format": STATE_FORMAT,
             "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "step": self.step,
             "skipped_steps": self.skipped_steps,
-            "seed": self.seed, "world_size": self.processes.world_size, "batch_size": self.batch_size,
+            "seed": self.seed, "world_size": self.process.world_size, "batch_size": self.batch_size,
             "model": self.model.state_dict(),
             "ema": self.ema.state_dict() if self.ema else None,
             "optimizer": self.optimizer.state_dict(),
@@ -79,38 +78,33 @@ class TrainingState:
         self.epoch, self.step_in_epoch, self.step = state["epoch"], state["step_in_epoch"], state["step"]
         self.skipped_steps = state["skipped_steps"]
         self.seed_with(state["seed"])
-        same_processes = state["world_size"] == self.processes.world_size
+        same_processes = state["world_size"] == self.process.world_size
         if same_processes:
-            restore_rng_states(state["rng"][self.processes.rank], self.processes.device, self.generator)
+            restore_rng_states(state["rng"][self.process.rank], self.process.device, self.generator)
         if not same_processes or state["batch_size"] != self.batch_size:
             self.step_in_epoch = state["step_in_epoch"] * state["batch_size"] * state["world_size"] \
-                // (self.batch_size * self.processes.world_size)
-            note(self.processes, f"the run was saved with {state['world_size']} process(es) of batch "
-                 f"{state['batch_size']}, now {self.processes.world_size} of {self.batch_size}: it "
-                 f"continues from the same image of the epoch, but not to the identical result")
+                // (self.batch_size * self.process.world_size)
+            self.process.say(f"the run was saved with {state['world_size']} process(es) of batch "
+                             f"{state['batch_size']}, now {self.process.world_size} of {self.batch_size}: "
+                             f"it continues from the same image of the epoch, but not to the identical result")
 
     def _load_ema(self, saved_ema):
         if self.ema and saved_ema:
             self.ema.load_state_dict(saved_ema)
         elif self.ema:
-            note(self.processes, "the saved state has no EMA weights: the EMA starts from the "
-                                 "weights of the next step")
+            self.process.say("the saved state has no EMA weights: the EMA starts from the weights "
+                             "of the next step")
         elif saved_ema:
-            note(self.processes, "ema_decay is 0: the saved EMA weights are dropped")
+            self.process.say("ema_decay is 0: the saved EMA weights are dropped")
 
     def save(self, folder):
         """Write training_state.pt atomically (rank 0); every process must call this."""
         state = self.state_dict()
-        if self.processes.is_main:
+        if self.process.is_main:
             save_atomically(state, os.path.join(folder, TRAINING_STATE))
 
 
-def note(processes, message):
-    if processes.is_main:
-        tqdm.write(message)
-
-
-def start(state, folder, folder_key, training_load_weight, seed, overwrite):
+def begin_or_continue(state, folder, folder_key, training_load_weight, seed, overwrite):
     """Begin a new run in `folder` (config key `folder_key`), or continue the one
     training_load_weight names there."""
     if training_load_weight is None:
@@ -130,9 +124,9 @@ def begin_new_run(state, folder, key, seed, overwrite):
             f"continue it with --training_load_weight last, write the new run to another folder "
             f"with --{key} FOLDER, or start over in this one with --overwrite true (which "
             f"deletes the old run's checkpoints).")
-    state.seed_with(common_seed(seed, state.processes))
+    state.seed_with(common_seed(seed, state.process))
     if leftovers:  # the old run (overwrite), or the log of a run that never saved
-        clear_run(folder, state.processes)
+        clear_run(folder, state.process)
 
 
 def continue_run(state, folder, name, seed):
@@ -148,12 +142,12 @@ def continue_run(state, folder, name, seed):
         except ConfigError as unreadable:
             if name != "last":
                 raise
-            note(state.processes, f"warning: {unreadable} Trying the next newest file.")
+            state.process.say(f"warning: {unreadable} Trying the next newest file.")
             continue
         if is_training_state(saved):
             state.load_state_dict(saved, os.path.join(folder, candidate))
-            note(state.processes, f"continuing from {candidate}: epoch {state.epoch}, step "
-                                  f"{state.step_in_epoch} of it ({state.step} steps in all)")
+            state.process.say(f"continuing from {candidate}: epoch {state.epoch}, step "
+                              f"{state.step_in_epoch} of it ({state.step} steps in all)")
         else:
             continue_from_weights(state, saved, os.path.join(folder, candidate), seed)
         return
@@ -173,19 +167,6 @@ def candidates(folder, name):
     return [name]
 
 
-def state_ends_epoch(path, epoch):
-    """Whether the training state at `path` was saved at the end of `epoch`."""
-    try:
-        saved = safe_load(path, "cpu")
-    except ConfigError:
-        return False
-    return is_training_state(saved) and saved["epoch"] == epoch + 1 and saved["step_in_epoch"] == 0
-
-
-def is_training_state(saved):
-    return isinstance(saved, dict) and saved.get("format") == STATE_FORMAT
-
-
 def continue_from_weights(state, state_dict, path, seed):
     """Continue from a plain state_dict (a snapshot, or the original's checkpoint): its weights,
     a new optimizer, the EMA from them, the LR schedule moved to the epoch after its own."""
@@ -196,54 +177,10 @@ def continue_from_weights(state, state_dict, path, seed):
     state.epoch = 0 if epoch is None else epoch + 1
     state.scheduler.fast_forward(state.epoch)
     # New random numbers for the epochs to come: a fixed seed must not replay epoch 0's.
-    state.seed_with(common_seed(seed, state.processes) + state.epoch)
+    state.seed_with(common_seed(seed, state.process) + state.epoch)
     held = "the run's EMA weights" if read_run_info(os.path.dirname(path)).get("snapshot_weights") == "ema" \
         else "one set of weights, no EMA"
-    note(state.processes, f"continuing from the weights of {os.path.basename(path)} at epoch "
-                          f"{state.epoch}, with a new optimizer state: a plain state_dict holds "
-                          f"{held}, so training and the EMA start from them (only "
-                          f"{TRAINING_STATE} continues a run exactly)")
-
-
-def weights_to_sample(folder, name, use_ema, device):
-    """The state_dict eval samples from, test_load_weight `name` in `folder`:
-    - a training state: its EMA weights, or with use_ema false (or no EMA) its raw weights;
-    - a snapshot ckpt_{epoch}_.pt: its weights (the EMA's when its run had EMA, as run.json
-      records); with use_ema false, the raw weights of training_state.pt if it was saved at
-      the end of that epoch;
-    - a plain state_dict with no record (the original's checkpoints): its weights as they are."""
-    path = os.path.join(folder, name)
-    if not os.path.isfile(path):
-        return read_state_dict(folder, name, device)  # raises, listing the checkpoints there
-    saved = safe_load(path, device)
-    if is_training_state(saved):
-        use_ema = use_ema and saved["ema"] is not None
-        tqdm.write(f"sampling from the {'EMA' if use_ema else 'raw'} weights of {name} (epoch "
-                   f"{saved['epoch']}, step {saved['step_in_epoch']} of it)")
-        return ema_weights(saved["ema"]) if use_ema else saved["model"]
-    holds = read_run_info(folder).get("snapshot_weights")
-    if holds == "ema" and not use_ema:
-        return raw_weights_of_snapshot(folder, name, device)
-    tqdm.write({"ema": f"sampling from the EMA weights in {name}",
-                "raw": f"sampling from {name} (its run had no EMA)"}.get(
-        holds, f"sampling from {name}: a plain state_dict with no EMA weights recorded beside it"))
-    return load_tensors(path, device)
-
-
-def ema_weights(ema_state):
-    """The model's state_dict inside an EMA (AveragedModel) state_dict: its "module." entries."""
-    return {key[len("module."):]: value for key, value in ema_state.items() if key.startswith("module.")}
-
-
-def raw_weights_of_snapshot(folder, name, device):
-    """The raw weights saved with snapshot `name` (whose own weights are the EMA's): those of
-    training_state.pt when it was saved at the end of the snapshot's epoch."""
-    state_path = os.path.join(folder, TRAINING_STATE)
-    epoch = epoch_of(name)
-    if epoch is not None and os.path.isfile(state_path) and state_ends_epoch(state_path, epoch):
-        tqdm.write(f"sampling from the raw weights saved with {name}, in {TRAINING_STATE}")
-        return safe_load(state_path, device)["model"]
-    raise ConfigError(f"{name} holds the EMA weights, and use_ema is false: a run keeps its raw "
-                      f"weights only in {TRAINING_STATE}, from its newest epoch. Set "
-                      f"test_load_weight {TRAINING_STATE} (with use_ema false) for those, or "
-                      f"use_ema true for {name}'s EMA weights.")
+    state.process.say(f"continuing from the weights of {os.path.basename(path)} at epoch "
+                      f"{state.epoch}, with a new optimizer state: a plain state_dict holds "
+                      f"{held}, so training and the EMA start from them (only "
+                      f"{TRAINING_STATE} continues a run exactly)")

@@ -1,11 +1,16 @@
-"""Checkpoints: `ckpt_{epoch}_.pt` holds a plain state_dict, the original's format, so that its
-published checkpoints and ours are interchangeable. `training_state.pt` beside them holds what
-continuing a run needs besides the weights: the optimizer's state, and which checkpoint it goes with.
-`run.json` holds what eval needs to know about the run besides the weights (the class names).
+"""The files of a checkpoint folder, and how they are written and read:
 
-Files are written to a temporary name and renamed, so an interrupted or failed save never
-leaves a truncated file; every .pt file is read by `safe_load` (`weights_only=True`), which
-runs no code from the file.
+    ckpt_{epoch}_.pt     weight snapshots: plain state_dicts, the original's format, so that its
+                         published checkpoints and ours are interchangeable (the EMA weights when
+                         EMA is on: those are what one samples from)
+    training_state.pt    everything needed to continue the run (TrainingState.py)
+    run.json             what eval needs to know of the run besides the weights (which weights
+                         the snapshots hold, the schedule and prediction, the class names)
+    training_log.jsonl   the run log (TrainingRun.py); tensorboard/ and samples/ beside it
+
+Files are written to a temporary name and renamed, so an interrupted or failed save never leaves a
+truncated file; every .pt file is read by `safe_load` (`weights_only=True`), which runs no code
+from the file.
 """
 import json
 import os
@@ -14,15 +19,26 @@ import shutil
 import warnings
 
 import torch
+from tqdm import tqdm
 
-from Diffusion.Machinery.Errors import ConfigError, SaveFailed
-from Diffusion.Machinery.Data import CIFAR10_CLASSES
+from Diffusion.Run.Config import ConfigError, RunError
+from Diffusion.Run.Data import CIFAR10_CLASSES
+from Diffusion.Run.Processes import wait_for_all
 
 TRAINING_STATE = "training_state.pt"
 RUN_INFO = "run.json"
+LOG = "training_log.jsonl"
+TENSORBOARD = "tensorboard"
+PREVIEWS = "samples"
+STATE_FORMAT = "simplest-ddpm training state 1"
 TIME_TABLE = "time_embedding.timembedding.0.weight"  # [T, channel]
 CLASS_TABLE = "cond_embedding.condEmbedding.0.weight"  # [num_labels + 1, channel], conditional only
 _CHECKPOINT_NAME = re.compile(r"ckpt_(\d+)_\.pt$")
+
+
+class SaveFailed(RunError):
+    """A file could not be written (a full disk, a folder that went away); what was written
+    before is intact."""
 
 
 def checkpoint_name(epoch):
@@ -143,6 +159,50 @@ def list_checkpoints(folder):
     if not os.path.isdir(folder):
         return []
     return sorted((name for name in os.listdir(folder) if epoch_of(name) is not None), key=epoch_of)
+
+
+def is_snapshot_epoch(epoch, save_every, epochs):
+    """Whether a weight snapshot is written after `epoch` (0-based) of a run of `epochs`."""
+    return (epoch + 1) % save_every == 0 or epoch == epochs - 1
+
+
+def save_snapshot(weights, folder, epoch, keep_last):
+    """ckpt_{epoch}_.pt, then the oldest snapshots beyond the newest keep_last removed."""
+    save_atomically(weights, os.path.join(folder, checkpoint_name(epoch)))
+    if keep_last is not None:
+        for name in list_checkpoints(folder)[:-keep_last]:
+            os.remove(os.path.join(folder, name))
+
+
+def run_files(folder):
+    """The files and folders of a run in `folder` (none: no run there)."""
+    if not os.path.isdir(folder):
+        return []
+    names = list_checkpoints(folder) + [TRAINING_STATE, RUN_INFO, LOG, TENSORBOARD, PREVIEWS]
+    return [name for name in names if os.path.exists(os.path.join(folder, name))]
+
+
+def describe_run(folder):
+    """A few words on the run `folder` holds ("" when it holds none)."""
+    snapshots = list_checkpoints(folder)
+    parts = []
+    if snapshots:
+        parts.append(snapshots[0] if len(snapshots) == 1 else f"{snapshots[0]} .. {snapshots[-1]}")
+    if os.path.isfile(os.path.join(folder, TRAINING_STATE)):
+        parts.append(TRAINING_STATE)
+    return ", ".join(parts)
+
+
+def clear_run(folder, process):
+    """Delete the run in `folder` (rank 0), once every process has looked at the folder."""
+    wait_for_all(process)
+    if process.is_main:
+        files = run_files(folder)
+        for name in files:
+            path = os.path.join(folder, name)
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+        tqdm.write(f"deleted the previous run's files in {folder}: {', '.join(files)}")
+    wait_for_all(process)
 
 
 # torch's words for a pickled global it refuses: "Trying to load unsupported GLOBAL posix.system
@@ -272,3 +332,59 @@ def load_into(model, state_dict, path):
         raise ConfigError(f"checkpoint {path!r} does not fit the model of this config: "
                           f"{reason}.") from None
 
+
+def state_ends_epoch(path, epoch):
+    """Whether the training state at `path` was saved at the end of `epoch`."""
+    try:
+        saved = safe_load(path, "cpu")
+    except ConfigError:
+        return False
+    return is_training_state(saved) and saved["epoch"] == epoch + 1 and saved["step_in_epoch"] == 0
+
+
+def is_training_state(saved):
+    return isinstance(saved, dict) and saved.get("format") == STATE_FORMAT
+
+
+def weights_to_sample(folder, name, use_ema, device):
+    """The state_dict eval samples from, test_load_weight `name` in `folder`:
+    - a training state: its EMA weights, or with use_ema false (or no EMA) its raw weights;
+    - a snapshot ckpt_{epoch}_.pt: its weights (the EMA's when its run had EMA, as run.json
+      records); with use_ema false, the raw weights of training_state.pt if it was saved at
+      the end of that epoch;
+    - a plain state_dict with no record (the original's checkpoints): its weights as they are."""
+    path = os.path.join(folder, name)
+    if not os.path.isfile(path):
+        return read_state_dict(folder, name, device)  # raises, listing the checkpoints there
+    saved = safe_load(path, device)
+    if is_training_state(saved):
+        use_ema = use_ema and saved["ema"] is not None
+        tqdm.write(f"sampling from the {'EMA' if use_ema else 'raw'} weights of {name} (epoch "
+                   f"{saved['epoch']}, step {saved['step_in_epoch']} of it)")
+        return ema_weights(saved["ema"]) if use_ema else saved["model"]
+    holds = read_run_info(folder).get("snapshot_weights")
+    if holds == "ema" and not use_ema:
+        return raw_weights_of_snapshot(folder, name, device)
+    tqdm.write({"ema": f"sampling from the EMA weights in {name}",
+                "raw": f"sampling from {name} (its run had no EMA)"}.get(
+        holds, f"sampling from {name}: a plain state_dict with no EMA weights recorded beside it"))
+    return load_tensors(path, device)
+
+
+def ema_weights(ema_state):
+    """The model's state_dict inside an EMA (AveragedModel) state_dict: its "module." entries."""
+    return {key[len("module."):]: value for key, value in ema_state.items() if key.startswith("module.")}
+
+
+def raw_weights_of_snapshot(folder, name, device):
+    """The raw weights saved with snapshot `name` (whose own weights are the EMA's): those of
+    training_state.pt when it was saved at the end of the snapshot's epoch."""
+    state_path = os.path.join(folder, TRAINING_STATE)
+    epoch = epoch_of(name)
+    if epoch is not None and os.path.isfile(state_path) and state_ends_epoch(state_path, epoch):
+        tqdm.write(f"sampling from the raw weights saved with {name}, in {TRAINING_STATE}")
+        return safe_load(state_path, device)["model"]
+    raise ConfigError(f"{name} holds the EMA weights, and use_ema is false: a run keeps its raw "
+                      f"weights only in {TRAINING_STATE}, from its newest epoch. Set "
+                      f"test_load_weight {TRAINING_STATE} (with use_ema false) for those, or "
+                      f"use_ema true for {name}'s EMA weights.")

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from Diffusion.Machinery.Errors import ConfigError
+from Diffusion.Run.Config import ConfigError
 
 # The options of the official model, which a bare weights file is assumed to have since the
 # weights do not say.

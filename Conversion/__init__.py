@@ -1,0 +1,2 @@
+"""Tools beside the runs: the DDPM authors' released weights converted to this repo's UNet, from
+diffusers' UNet2DModel or pesser/pytorch_diffusion's names (ImportWeights.py runs it)."""

