@@ -23,7 +23,6 @@ from tqdm import tqdm
 
 from Diffusion.Run.Config import ConfigError, RunError
 from Diffusion.Run.Data import CIFAR10_CLASSES
-from Diffusion.Run.Processes import wait_for_all
 
 TRAINING_STATE = "training_state.pt"
 RUN_INFO = "run.json"
@@ -172,37 +171,6 @@ def save_snapshot(weights, folder, epoch, keep_last):
     if keep_last is not None:
         for name in list_checkpoints(folder)[:-keep_last]:
             os.remove(os.path.join(folder, name))
-
-
-def run_files(folder):
-    """The files and folders of a run in `folder` (none: no run there)."""
-    if not os.path.isdir(folder):
-        return []
-    names = list_checkpoints(folder) + [TRAINING_STATE, RUN_INFO, LOG, TENSORBOARD, PREVIEWS]
-    return [name for name in names if os.path.exists(os.path.join(folder, name))]
-
-
-def describe_run(folder):
-    """A few words on the run `folder` holds ("" when it holds none)."""
-    snapshots = list_checkpoints(folder)
-    parts = []
-    if snapshots:
-        parts.append(snapshots[0] if len(snapshots) == 1 else f"{snapshots[0]} .. {snapshots[-1]}")
-    if os.path.isfile(os.path.join(folder, TRAINING_STATE)):
-        parts.append(TRAINING_STATE)
-    return ", ".join(parts)
-
-
-def clear_run(folder, process):
-    """Delete the run in `folder` (rank 0), once every process has looked at the folder."""
-    wait_for_all(process)
-    if process.is_main:
-        files = run_files(folder)
-        for name in files:
-            path = os.path.join(folder, name)
-            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-        tqdm.write(f"deleted the previous run's files in {folder}: {', '.join(files)}")
-    wait_for_all(process)
 
 
 # torch's words for a pickled global it refuses: "Trying to load unsupported GLOBAL posix.system

@@ -8,25 +8,37 @@ the end of every epoch, every save_state_minutes, and when the run is asked to s
 decides where a run begins: a new run, or a continuation (see `continue_run`).
 """
 import os
+import shutil
+
+from tqdm import tqdm
 
 from Diffusion.Run.Checkpoints import (
+    LOG,
+    PREVIEWS,
+    RUN_INFO,
     STATE_FORMAT,
+    TENSORBOARD,
     TRAINING_STATE,
-    clear_run,
-    describe_run,
     epoch_of,
     is_training_state,
     list_checkpoints,
     load_into,
     read_run_info,
     read_state_dict,
-    run_files,
     safe_load,
     save_atomically,
     state_ends_epoch,
 )
 from Diffusion.Run.Config import ConfigError
-from Diffusion.Run.Processes import batch_generator, common_seed, gather, restore_rng_states, rng_states, seed_process
+from Diffusion.Run.Processes import (
+    batch_generator,
+    common_seed,
+    gather,
+    restore_rng_states,
+    rng_states,
+    seed_process,
+    wait_for_all,
+)
 
 
 class TrainingState:
@@ -127,6 +139,37 @@ def begin_new_run(state, folder, key, seed, overwrite):
     state.seed_with(common_seed(seed, state.process))
     if leftovers:  # the old run (overwrite), or the log of a run that never saved
         clear_run(folder, state.process)
+
+
+def run_files(folder):
+    """The files and folders of a run in `folder` (none: no run there)."""
+    if not os.path.isdir(folder):
+        return []
+    names = list_checkpoints(folder) + [TRAINING_STATE, RUN_INFO, LOG, TENSORBOARD, PREVIEWS]
+    return [name for name in names if os.path.exists(os.path.join(folder, name))]
+
+
+def describe_run(folder):
+    """A few words on the run `folder` holds ("" when it holds none)."""
+    snapshots = list_checkpoints(folder)
+    parts = []
+    if snapshots:
+        parts.append(snapshots[0] if len(snapshots) == 1 else f"{snapshots[0]} .. {snapshots[-1]}")
+    if os.path.isfile(os.path.join(folder, TRAINING_STATE)):
+        parts.append(TRAINING_STATE)
+    return ", ".join(parts)
+
+
+def clear_run(folder, process):
+    """Delete the run in `folder` (rank 0), once every process has looked at the folder."""
+    wait_for_all(process)
+    if process.is_main:
+        files = run_files(folder)
+        for name in files:
+            path = os.path.join(folder, name)
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+        tqdm.write(f"deleted the previous run's files in {folder}: {', '.join(files)}")
+    wait_for_all(process)
 
 
 def continue_run(state, folder, name, seed):
