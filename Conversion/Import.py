@@ -155,8 +155,6 @@ def _diffusers_model_folder(folder):
                       f"UNet2DModel folder, such as a download of google/ddpm-cifar10-32.")
 
 
-
-
 def read_diffusers_folder(folder):
     """(tensors, options) of a diffusers UNet2DModel folder: config.json and
     diffusion_pytorch_model.safetensors (or .bin)."""

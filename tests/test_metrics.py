@@ -99,6 +99,18 @@ def test_missing_folder_to_score_is_refused(metrics_config, tmp_path):
         Main.main({**metrics_config, "state": "fid", "fid_images": str(tmp_path / "nothing-here")})
 
 
+def test_an_extractor_that_is_not_torchscript_is_refused_before_the_export(trained_unconditional, tmp_path):
+    weights = tmp_path / "weights.pt"
+    torch.save(StandInClassifier(num_classes=4, width=4).state_dict(), weights)  # a state_dict, not TorchScript
+    config = {**trained_unconditional, "state": "fid", "test_load_weight": "ckpt_0_.pt", "num_samples": 4,
+              "batch_size": 2, "export_dir": str(tmp_path / "samples"), "fid_extractor": str(weights),
+              "fid_stats_dir": str(tmp_path / "stats")}
+    with pytest.raises(ConfigError) as error:
+        Main.main(config)
+    assert "fid_extractor" in str(error.value) and "torch.jit.save" in str(error.value)
+    assert not (tmp_path / "samples").exists()
+
+
 def test_missing_extractor_file_says_what_to_give(metrics_config, tmp_path):
     with pytest.raises(ConfigError, match="fid_extractor"):
         Main.main({**metrics_config, "state": "fid", "fid_images": metrics_config["dataset"],

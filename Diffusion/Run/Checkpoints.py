@@ -1,22 +1,20 @@
 """The files of a checkpoint folder, and how they are written and read:
 
-    ckpt_{epoch}_.pt     weight snapshots: plain state_dicts, the original's format, so that its
-                         published checkpoints and ours are interchangeable (the EMA weights when
-                         EMA is on: those are what one samples from)
+    ckpt_{epoch}_.pt     weight snapshots: plain state_dicts like the original's (EMA weights when EMA is on)
     training_state.pt    everything needed to continue the run (TrainingState.py)
-    run.json             what eval needs to know of the run besides the weights (which weights
-                         the snapshots hold, the schedule and prediction, the class names)
+    run.json             what eval needs besides the weights (which weights the snapshots hold, the
+                         schedule and prediction, the class names)
     training_log.jsonl   the run log (TrainingRun.py); tensorboard/ and samples/ beside it
 
-Files are written to a temporary name and renamed, so an interrupted or failed save never leaves a
-truncated file; every .pt file is read by `safe_load` (`weights_only=True`), which runs no code
-from the file.
+Files are written to a temporary name and renamed: a failed save never leaves a truncated file. Every
+.pt file is read by `safe_load` (`weights_only=True`), which runs no code from the file.
 """
 import json
 import os
 import re
 import shutil
 import warnings
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
@@ -36,12 +34,7 @@ _CHECKPOINT_NAME = re.compile(r"ckpt_(\d+)_\.pt$")
 
 
 class SaveFailed(RunError):
-    """A file could not be written (a full disk, a folder that went away); what was written
-    before is intact."""
-
-
-def checkpoint_name(epoch):
-    return f"ckpt_{epoch}_.pt"
+    """A file could not be written (a full disk, a folder that went away); what was before is intact."""
 
 
 def epoch_of(name):
@@ -70,8 +63,7 @@ def _free_space(folder):
 
 
 def _write_atomically(write, path):
-    """write(temporary path), then rename it to `path`, so `path` is never half written. A write
-    that fails (a full disk, a folder that went away) raises SaveFailed naming the file."""
+    """write(temporary path), then rename it to `path` (never half written); a failure raises SaveFailed."""
     folder = os.path.dirname(path) or "."
     temporary = f"{path}.tmp"
     try:
@@ -88,8 +80,7 @@ def _write_atomically(write, path):
 
 
 def save_atomically(obj, path):
-    """torch.save to `path` through a temporary file, flushed to the disk before it is renamed,
-    so `path` is never half written, even by a crash of the machine."""
+    """torch.save to `path` through a temporary file flushed to disk: never half written, even by a crash."""
     def write(temporary):
         with open(temporary, "wb") as file:
             torch.save(obj, file)
@@ -101,25 +92,20 @@ def save_atomically(obj, path):
 def write_run_info(folder, **entries):
     """Merge `entries` (JSON values, e.g. classes=[names]) into folder/run.json, atomically."""
     info = {**read_run_info(folder), **entries}
-
-    def write(temporary):
-        with open(temporary, "w") as file:
-            json.dump(info, file, indent=1)
-    _write_atomically(write, os.path.join(folder, RUN_INFO))
+    _write_atomically(lambda temporary: Path(temporary).write_text(json.dumps(info, indent=1)),
+                      os.path.join(folder, RUN_INFO))
 
 
 def read_run_info(folder):
     """The entries of folder/run.json; {} when it is absent or unreadable."""
     try:
-        with open(os.path.join(folder, RUN_INFO)) as file:
-            info = json.load(file)
+        info = json.loads(Path(folder, RUN_INFO).read_text())
     except (OSError, ValueError):
         return {}
     return info if isinstance(info, dict) else {}
 
 
-# What a checkpoint's outputs mean: a model trained with one of these is read wrongly under
-# another (a v-model sampled as eps gives noise). A checkpoint without a record is the original's.
+# What a checkpoint's outputs mean (a v-model sampled as eps gives noise); no record: the original's.
 DIFFUSION_KEYS = {"beta_schedule": "linear", "prediction": "eps"}
 
 
@@ -129,8 +115,8 @@ def diffusion_of(config):
 
 
 def check_trained_as_configured(folder, config):
-    """Refuse a config whose beta_schedule or prediction differ from those the run in `folder`
-    was trained with (run.json; without a record, the original's: linear and eps)."""
+    """Refuse a config whose beta_schedule or prediction differ from the run's in `folder` (run.json; no
+    record: the original's, linear and eps)."""
     recorded = read_run_info(folder)
     for key, original in DIFFUSION_KEYS.items():
         trained = recorded.get(key, original)
@@ -142,22 +128,19 @@ def check_trained_as_configured(folder, config):
 
 
 def class_names(folder, num_labels, dataset):
-    """The names of a conditional checkpoint's `num_labels` classes: those its run wrote to
-    run.json; for a checkpoint without them (the original's), CIFAR-10's names when it has 10
-    classes and `dataset` is CIFAR10; else the class indices as text."""
+    """The names of a conditional checkpoint's `num_labels` classes: those in its run.json; without them (the
+    original's), CIFAR-10's when it has 10 classes and `dataset` is CIFAR10; else the indices as text."""
     names = read_run_info(folder).get("classes")
     if isinstance(names, list) and len(names) == num_labels:
         return [str(name) for name in names]
-    if num_labels == len(CIFAR10_CLASSES) and dataset == "CIFAR10":
-        return list(CIFAR10_CLASSES)
-    return [str(index) for index in range(num_labels)]
+    cifar10 = num_labels == len(CIFAR10_CLASSES) and dataset == "CIFAR10"
+    return list(CIFAR10_CLASSES) if cifar10 else [str(index) for index in range(num_labels)]
 
 
 def list_checkpoints(folder):
     """The ckpt_{epoch}_.pt files in `folder`, oldest epoch first."""
-    if not os.path.isdir(folder):
-        return []
-    return sorted((name for name in os.listdir(folder) if epoch_of(name) is not None), key=epoch_of)
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    return sorted((name for name in names if epoch_of(name) is not None), key=epoch_of)
 
 
 def is_snapshot_epoch(epoch, save_every, epochs):
@@ -167,15 +150,14 @@ def is_snapshot_epoch(epoch, save_every, epochs):
 
 def save_snapshot(weights, folder, epoch, keep_last):
     """ckpt_{epoch}_.pt, then the oldest snapshots beyond the newest keep_last removed."""
-    save_atomically(weights, os.path.join(folder, checkpoint_name(epoch)))
+    save_atomically(weights, os.path.join(folder, f"ckpt_{epoch}_.pt"))
     if keep_last is not None:
         for name in list_checkpoints(folder)[:-keep_last]:
             os.remove(os.path.join(folder, name))
 
 
-# torch's words for a pickled global it refuses: "Trying to load unsupported GLOBAL posix.system
-# whose module posix is blocked" (torch 2.14) and "Unsupported global: GLOBAL x.Y was not an
-# allowed global" (since 2.4).
+# torch's words for a pickled global it refuses: "Trying to load unsupported GLOBAL posix.system whose
+# module posix is blocked" (torch 2.14) and "Unsupported global: GLOBAL x.Y was not an allowed global" (2.4+).
 _REFUSED_GLOBAL = re.compile(r"unsupported (?:global: )?GLOBAL ([\w.]+)", re.IGNORECASE)
 
 
@@ -200,8 +182,8 @@ def load_failure(error):
 
 
 def safe_load(path, device):
-    """torch.load(path, weights_only=True) onto `device`: tensors and plain values only, no code
-    from the file is run. A file that cannot be read so raises a ConfigError naming it."""
+    """torch.load(path, weights_only=True) onto `device`: tensors and plain values only, running no code from
+    the file. One that cannot be read so raises a ConfigError naming it."""
     path = os.fspath(path)
     try:
         with warnings.catch_warnings():  # a plain pickle gets a warning about its protocol
@@ -212,13 +194,11 @@ def safe_load(path, device):
 
 
 def load_tensors(path, device):
-    """The name -> tensor dict that torch.save wrote to `path`, read by safe_load; anything
-    else raises a ConfigError saying why."""
+    """The name -> tensor dict at `path`, read by safe_load; anything else raises a ConfigError saying why."""
     tensors = safe_load(path, device)
-    if not isinstance(tensors, dict) or not all(torch.is_tensor(value) for value in tensors.values()):
-        raise ConfigError(f"{path!r} does not hold a plain state_dict (name -> tensor), as "
-                          f"ckpt_*_.pt files do.")
-    return tensors
+    if isinstance(tensors, dict) and all(torch.is_tensor(value) for value in tensors.values()):
+        return tensors
+    raise ConfigError(f"{path!r} does not hold a plain state_dict (name -> tensor), as ckpt_*_.pt files do.")
 
 
 def read_state_dict(folder, name, device):
@@ -238,31 +218,23 @@ def num_labels_of(state_dict):
 
 
 def unet_config_of(state_dict):
-    """The UNet config a state_dict was saved from (T, channel, channel_mult, num_res_blocks;
-    attn, or num_labels for the conditional model), for messages about a checkpoint that does
-    not fit. Reads the down path: ResBlocks, with a downsampler closing each level but the last."""
-    found = {"T": state_dict[TIME_TABLE].shape[0],
-             "channel": state_dict["head.weight"].shape[0],
+    """The UNet config a state_dict was saved from (T, channel, channel_mult, num_res_blocks; attn, or
+    num_labels for the conditional model), for messages about a checkpoint that does not fit. Reads the
+    down path: ResBlocks, with a downsampler (no block1) closing each level but the last."""
+    found = {"T": state_dict[TIME_TABLE].shape[0], "channel": state_dict["head.weight"].shape[0],
              "img_channels": state_dict["head.weight"].shape[1]}
     channel_mult, attn, blocks_in_level, index = [], [], 0, 0
     while any(key.startswith(f"downblocks.{index}.") for key in state_dict):
-        prefix = f"downblocks.{index}."
-        if f"{prefix}block1.2.weight" not in state_dict:
-            blocks_in_level = 0
-        else:
-            if blocks_in_level == 0:
-                channel_mult.append(state_dict[f"{prefix}block1.2.weight"].shape[0] // found["channel"])
-                if f"{prefix}attn.proj.weight" in state_dict:
-                    attn.append(len(channel_mult) - 1)
-            blocks_in_level += 1
+        conv = state_dict.get(f"downblocks.{index}.block1.2.weight")
+        if conv is not None and blocks_in_level == 0:  # a level's first ResBlock
+            channel_mult.append(conv.shape[0] // found["channel"])
+            if f"downblocks.{index}.attn.proj.weight" in state_dict:
+                attn.append(len(channel_mult) - 1)
+        blocks_in_level = 0 if conv is None else blocks_in_level + 1
         index += 1
-    found["channel_mult"] = channel_mult
-    found["num_res_blocks"] = blocks_in_level
-    if num_labels_of(state_dict) is None:
-        found["attn"] = attn
-    else:
-        found["num_labels"] = num_labels_of(state_dict)
-    return found
+    num_labels = num_labels_of(state_dict)
+    return {**found, "channel_mult": channel_mult, "num_res_blocks": blocks_in_level,
+            **({"attn": attn} if num_labels is None else {"num_labels": num_labels})}
 
 
 def describe_mismatch(state_dict, model):
@@ -285,9 +257,8 @@ def describe_mismatch(state_dict, model):
                 f"{wanted['num_labels']}: continue on a dataset of the same {found['num_labels']} "
                 f"classes, or start a new run (training_load_weight None) in another folder")
     differing = [f"{key} {found[key]} (config: {wanted[key]})" for key in found if found[key] != wanted[key]]
-    if differing:
-        return "it was trained with " + ", ".join(differing) + ": set these keys to match"
-    return "its tensors do not match the model's; check channel_mult, attn and num_res_blocks"
+    return ("it was trained with " + ", ".join(differing) + ": set these keys to match" if differing
+            else "its tensors do not match the model's; check channel_mult, attn and num_res_blocks")
 
 
 def load_into(model, state_dict, path):
@@ -296,9 +267,8 @@ def load_into(model, state_dict, path):
     try:
         model.load_state_dict(state_dict, strict=True)
     except RuntimeError:
-        reason = describe_mismatch(state_dict, model)
         raise ConfigError(f"checkpoint {path!r} does not fit the model of this config: "
-                          f"{reason}.") from None
+                          f"{describe_mismatch(state_dict, model)}.") from None
 
 
 def state_ends_epoch(path, epoch):
@@ -317,9 +287,8 @@ def is_training_state(saved):
 def weights_to_sample(folder, name, use_ema, device):
     """The state_dict eval samples from, test_load_weight `name` in `folder`:
     - a training state: its EMA weights, or with use_ema false (or no EMA) its raw weights;
-    - a snapshot ckpt_{epoch}_.pt: its weights (the EMA's when its run had EMA, as run.json
-      records); with use_ema false, the raw weights of training_state.pt if it was saved at
-      the end of that epoch;
+    - a snapshot ckpt_{epoch}_.pt: its weights (the EMA's when its run had EMA, as run.json records);
+      with use_ema false, the raw weights of training_state.pt if it was saved at the end of that epoch;
     - a plain state_dict with no record (the original's checkpoints): its weights as they are."""
     path = os.path.join(folder, name)
     if not os.path.isfile(path):
@@ -345,14 +314,12 @@ def ema_weights(ema_state):
 
 
 def raw_weights_of_snapshot(folder, name, device):
-    """The raw weights saved with snapshot `name` (whose own weights are the EMA's): those of
-    training_state.pt when it was saved at the end of the snapshot's epoch."""
+    """The raw weights of EMA snapshot `name`: training_state.pt's, if saved at the end of its epoch."""
     state_path = os.path.join(folder, TRAINING_STATE)
     epoch = epoch_of(name)
     if epoch is not None and os.path.isfile(state_path) and state_ends_epoch(state_path, epoch):
         tqdm.write(f"sampling from the raw weights saved with {name}, in {TRAINING_STATE}")
         return safe_load(state_path, device)["model"]
-    raise ConfigError(f"{name} holds the EMA weights, and use_ema is false: a run keeps its raw "
-                      f"weights only in {TRAINING_STATE}, from its newest epoch. Set "
-                      f"test_load_weight {TRAINING_STATE} (with use_ema false) for those, or "
-                      f"use_ema true for {name}'s EMA weights.")
+    raise ConfigError(f"{name} holds the EMA weights, and use_ema is false: a run keeps its raw weights only "
+                      f"in {TRAINING_STATE}, from its newest epoch. Set test_load_weight {TRAINING_STATE} "
+                      f"(with use_ema false) for those, or use_ema true for {name}'s EMA weights.")

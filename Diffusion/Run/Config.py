@@ -1,21 +1,16 @@
-"""The config of a run: one flat dict of the keys in Keys.py. `complete` fills in the keys a dict
-leaves out and checks every value before any work; `parse_command_line` reads `--key value` (or
-`--key=value`) and `--config FILE.json` over a script's modelConfig.
-
-A key's type follows from its default, or from its Key's choices and kind. One routine, `coerce`,
-turns a value into that type: the command line's text by parsing it, a dict's value by checking
-it. The checks after it catch what the types alone do not, where a mistake would otherwise fail
-late, silently, or with a message that does not name the key; each returns the one sentence of a
-ConfigError (what was wrong, the value given, what to do). They only look: a refused config leaves
-no trace.
+"""The config of a run: one flat dict of the keys in Keys.py. `complete` fills in the keys a dict leaves
+out and checks every value before any work; `parse_command_line` reads `--key value` (or `--key=value`)
+and `--config FILE.json` over a script's modelConfig. A key's type follows from its default, or its Key's
+choices and kind: `coerce` parses command-line text into it, or checks a dict's value. The CHECKS catch
+what types do not, each returning a ConfigError's sentence (what was wrong, the value, what to do).
 """
 import argparse
 import difflib
-import functools
 import io
 import json
 import math
 import os
+from functools import cache, partial
 from types import UnionType
 from typing import get_args, get_origin
 
@@ -35,21 +30,18 @@ class ConfigError(RunError, ValueError):
 
 BOOLEAN_WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 KIND_NAMES = {int: ("an integer", "N"), float: ("a number", "X"), str: ("a string", "TEXT"),
-              bool: ("true or false", "BOOL")}
+              bool: ("true or false", "BOOL"),
+              list[int]: ("a list of integers (1,2,2 on the command line)", "N,N,..."),
+              float | list[float]: ("a number or a list of numbers (0,1,3 on the command line)", "X[,X,...]")}
 
 
 def value_type(key):
     """The type of a Key's values: its `kind`, else its default's (list[item] for a list)."""
-    if key.kind is not None:
-        return key.kind
-    if isinstance(key.default, list):
-        return list[type(key.default[0])]
-    return type(key.default)
+    return key.kind or (list[type(key.default[0])] if isinstance(key.default, list) else type(key.default))
 
 
 def _coerce(kind, value, text):
-    """`value` as a value of `kind`: parsed when it is command-line `text`, else only checked.
-    Raises ValueError."""
+    """`value` as a value of `kind`: parsed if command-line `text`, else checked. Raises ValueError."""
     if isinstance(kind, UnionType):  # a number, or a non-empty list of numbers
         number, listed = get_args(kind)
         is_list = ("," in value or "[" in value) if text else isinstance(value, (list, tuple))
@@ -62,23 +54,18 @@ def _coerce(kind, value, text):
         elif not isinstance(value, (list, tuple)):
             raise ValueError(value)
         return [_coerce(get_args(kind)[0], item, text) for item in value]
-    if text and kind is bool:
-        return BOOLEAN_WORDS[value.strip().lower()]
     if text:
-        return kind(value)
+        return BOOLEAN_WORDS[value.strip().lower()] if kind is bool else kind(value)
     if type(value) is kind or (kind is float and type(value) is int):
         return value
     raise ValueError(value)
 
 
 def coerce(key, value, text=False):
-    """`value` as Key `key` takes it: a dict's value, checked, or with `text` the command line's
-    text, parsed (lists as 1,2,2; none for None). Raises ValueError if it is not one of its
-    values."""
-    if value is None or (text and key.default is None and value.lower() == "none"):
-        if key.default is None:
-            return None
-        raise ValueError(value)
+    """`value` as Key `key` takes it: a dict's value, checked, or with `text` the command line's text,
+    parsed (lists as 1,2,2; none for None). Raises ValueError if it is not one of its values."""
+    if key.default is None and (value is None or (text and value.lower() == "none")):
+        return None
     try:
         result = _coerce(value_type(key), value, text)
     except (KeyError, TypeError):
@@ -90,21 +77,13 @@ def coerce(key, value, text=False):
 
 def describe(key):
     """What Key `key` takes, for messages ("an integer or None"), and its --help metavar."""
-    kind = value_type(key)
-    if key.choices:
-        name, metavar = " or ".join(map(repr, key.choices)), "{" + ",".join(map(str, key.choices)) + "}"
-    elif isinstance(kind, UnionType):
-        name, metavar = "a number or a list of numbers (0,1,3 on the command line)", "X[,X,...]"
-    elif get_origin(kind) is list:
-        name, metavar = "a list of integers (1,2,2 on the command line)", "N,N,..."
-    else:
-        name, metavar = KIND_NAMES[kind]
+    name, metavar = (KIND_NAMES[value_type(key)] if not key.choices else
+                     (" or ".join(map(repr, key.choices)), "{" + ",".join(map(str, key.choices)) + "}"))
     return (f"{name} or None" if key.default is None else name), metavar
 
 
 def unknown_key_message(key, shown, keys, absent, where_keys_are_listed):
-    """Why `key` (written `shown`: --key on the command line) is refused by a script whose keys
-    are `keys`; `absent`: {key: why} of the keys it lacks on purpose."""
+    """Why a script of `keys` refuses `key` (written `shown`: --key); `absent`: {key it lacks: why}."""
     if key in absent:
         return f"config key '{shown}' does not apply here: {absent[key]}."
     matches = difflib.get_close_matches(key, keys, n=1)
@@ -118,8 +97,7 @@ def defaults(keys, script_config=None):
 
 
 def complete(config, keys, absent=None):
-    """`config` with the keys it leaves out set to their defaults, after checking that every key
-    is known, of the right type and consistent with the others. Raises ConfigError."""
+    """`config` with its left-out keys set to defaults, once every key is known, typed and consistent."""
     for key in config:
         if key not in keys:
             raise ConfigError(unknown_key_message(key, key, keys, absent or {},
@@ -130,10 +108,9 @@ def complete(config, keys, absent=None):
             coerce(keys[key], value)
         except ValueError:
             raise ConfigError(f"config key '{key}' must be {describe(keys[key])[0]}, not {value!r}.") from None
-    for check in CHECKS:
-        message = check(config)
-        if message:
-            raise ConfigError(message)
+    message = next(filter(None, (check(config) for check in CHECKS)), None)
+    if message:
+        raise ConfigError(message)
     return config
 
 
@@ -149,20 +126,16 @@ def read_config_file(path):
     return values
 
 
-def _argument_type(key):
-    def parse_argument(text):
-        try:
-            return coerce(key, text, text=True)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be {describe(key)[0]}, not {text!r}") from None
-    parse_argument.__name__ = describe(key)[0]
-    return parse_argument
+def _parse_argument(key, text):
+    try:
+        return coerce(key, text, text=True)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be {describe(key)[0]}, not {text!r}") from None
 
 
 def parse_command_line(script_config, keys, absent=None, argv=None, description=None):
-    """The config of a script: the keys' defaults, overridden by the script's `script_config`,
-    a --config JSON file, then --key value; --help lists every key. Exits with a message naming
-    the key on an unknown key or a value of the wrong type."""
+    """The keys' defaults, overridden by the script's `script_config`, a --config JSON file, then
+    --key value; --help lists every key. Exits naming the key on an unknown key or a wrong value."""
     shown = defaults(keys, script_config)
     parser = argparse.ArgumentParser(description=description, allow_abbrev=False,
                                      usage="%(prog)s [--config FILE.json] [--key value ...]",
@@ -170,42 +143,34 @@ def parse_command_line(script_config, keys, absent=None, argv=None, description=
     parser.add_argument("--config", metavar="FILE.json",
                         help="a JSON object of config keys, applied before the command line's")
     for key, spec in keys.items():
-        parser.add_argument(f"--{key}", type=_argument_type(spec), default=argparse.SUPPRESS,
+        parser.add_argument(f"--{key}", type=partial(_parse_argument, spec), default=argparse.SUPPRESS,
                             metavar=describe(spec)[1], help=f"{spec.meaning} (default: {shown[key]!r})")
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         option = next((u for u in unknown if u.startswith("-")), unknown[0])
         key = option.lstrip("-").split("=")[0]
         parser.error(unknown_key_message(key, option, keys, absent or {}, "See --help for every key."))
-    overrides = vars(args)
-    config_file = overrides.pop("config")
+    config_file = vars(args).pop("config")
     try:
         from_file = read_config_file(config_file) if config_file else {}
-        return complete({**script_config, **from_file, **overrides}, keys, absent)
+        return complete({**script_config, **from_file, **vars(args)}, keys, absent)
     except ConfigError as error:
         parser.error(str(error))
 
 
 # --- the checks, in the order they run -------------------------------------------------------
 
-IMAGE_NAME_KEYS = ("sampledNoisyImgName", "sampledImgName", "sampledProcessImgName")
 # The folders each state writes to: checkpoints when training, images when sampling.
 WRITTEN_FOLDER_KEYS = {"train": ("save_weight_dir", "save_dir"), "eval": ("sampled_dir", "export_dir"),
                        "fid": ("fid_stats_dir", "export_dir"), "nll": ()}
 SOLVERS = ("dpmsolver++", "unipc")
 
 
-def _is_finite(value):
-    if isinstance(value, (list, tuple)):
-        return all(map(_is_finite, value))
-    return not isinstance(value, float) or math.isfinite(value)
-
-
 def finite_numbers(config):
-    """nan and inf parse as floats, but no key means anything by them (a guidance weight of nan
-    would sample for the whole run and then fail)."""
+    """nan and inf parse as floats, but no key means anything by them (nan guidance fails after sampling)."""
     for key, value in config.items():
-        if not _is_finite(value):
+        numbers = value if isinstance(value, (list, tuple)) else [value]
+        if any(isinstance(number, float) and not math.isfinite(number) for number in numbers):
             return f"config key '{key}' must be finite, not {value!r}: give ordinary numbers, not nan or inf."
 
 
@@ -230,12 +195,11 @@ def positive_counts(config):
 
 
 def unet_shape(config):
-    """GroupNorm's 32 groups need channel to be a multiple of 32; attn names levels that
-    channel_mult has; the UNet halves img_size once per level after the first."""
+    """GroupNorm's 32 groups divide channel; attn names levels channel_mult has; the UNet halves img_size
+    once per level after the first."""
     if config["channel"] % 32:
-        good = max(32, round(config["channel"] / 32) * 32)
-        return (f"channel must be a multiple of 32 (GroupNorm uses 32 groups), not "
-                f"{config['channel']}: try {good}.")
+        return (f"channel must be a multiple of 32 (GroupNorm uses 32 groups), not {config['channel']}: "
+                f"try {max(32, round(config['channel'] / 32) * 32)}.")
     if not config["channel_mult"] or min(config["channel_mult"]) < 1:
         return f"channel_mult must be a non-empty list of positive integers, not {config['channel_mult']}."
     try:
@@ -244,9 +208,8 @@ def unet_shape(config):
         return str(error)
     halvings = len(config["channel_mult"]) - 1
     if config["img_size"] % 2 ** halvings:
-        return (f"img_size {config['img_size']} cannot be halved {halvings} times (once per "
-                f"channel_mult level after the first): use a multiple of {2 ** halvings}, or "
-                f"fewer levels in channel_mult.")
+        return (f"img_size {config['img_size']} cannot be halved {halvings} times (once per channel_mult "
+                f"level after the first): use a multiple of {2**halvings}, or fewer levels in channel_mult.")
 
 
 def schedule_and_probabilities(config):
@@ -282,15 +245,11 @@ def class_labels(config):
         return f"labels must list class indices (0, 1, ...), not {config['labels']}."
 
 
-@functools.cache
+@cache
 def pil_writes_rgb(extension):
     """Whether PIL saves an RGB image to a file ending in `extension` (".png")."""
-    Image.init()
-    image_format = Image.registered_extensions().get(extension.lower())
-    if image_format not in Image.SAVE:
-        return False
-    try:  # some formats PIL writes take no RGB (XBM: 1-bit), or need a plugin that is absent
-        Image.new("RGB", (1, 1)).save(io.BytesIO(), format=image_format)
+    try:  # unknown or read-only extension, or a format that takes no RGB (XBM: 1-bit) or lacks its plugin
+        Image.new("RGB", (1, 1)).save(io.BytesIO(), format=Image.registered_extensions()[extension.lower()])
     except Exception:
         return False
     return True
@@ -298,7 +257,7 @@ def pil_writes_rgb(extension):
 
 def image_names(config):
     """The grids are saved by PIL, which picks the format from the file name's extension."""
-    for key in IMAGE_NAME_KEYS:
+    for key in ("sampledNoisyImgName", "sampledImgName", "sampledProcessImgName"):
         name = config[key]
         if not name or os.path.basename(name) != name:
             return f"{key} must be a file name without a folder, not {name!r}: the folder is sampled_dir."
@@ -311,24 +270,20 @@ def image_names(config):
 
 
 def why_unwritable(folder):
-    """Why files cannot be written into `folder`, which is made if missing; None if they can.
-    Looks at the folder or, while it does not exist yet, its nearest existing parent. (A test of
-    permissions alone passes for root; a file in the way stops root too.)"""
-    path = os.path.abspath(folder)
-    if os.path.lexists(path) and not os.path.isdir(path):
-        return "it is a file, not a folder"
-    existing = path
+    """Why files cannot be written into `folder` (made if missing) or its nearest existing parent; None
+    if they can. Permissions alone pass for root, but a file in the way stops root too."""
+    existing = path = os.path.abspath(folder)
     while not os.path.lexists(existing):
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing):
-        return f"{existing!r} is a file, so no folder can be made under it"
+        return ("it is a file, not a folder" if existing == path
+                else f"{existing!r} is a file, so no folder can be made under it")
     if not os.access(existing, os.W_OK | os.X_OK):
         return f"{existing!r} is not writable by this user"
 
 
 def writable_folders(config):
-    """The folders this state writes to can be written, so that a run does not fail at its
-    first checkpoint (after an epoch of training) or after the whole sampling."""
+    """This state's folders are writable, lest a run fail at its first checkpoint or after sampling."""
     for key in WRITTEN_FOLDER_KEYS[config["state"]]:
         reason = key in config and why_unwritable(config[key])
         if reason:

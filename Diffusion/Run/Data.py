@@ -1,11 +1,7 @@
-"""Images: CIFAR-10, any torchvision dataset of the same form, or a folder of images; for
-training, for the NLL's held-out images and for FID's reference statistics alike.
-
-Every image becomes RGB (or grayscale, with img_channels 1), is fitted to img_size (resized,
-centre-cropped) and scaled to [-1, 1]; training then flips it left-right at random (on the
-device, drawn so that a continued run sees the same flips), in the order of `EpochSampler`. For
-CIFAR-10 at 32x32 this is the original's pipeline. An image file of a folder that PIL cannot read
-is skipped with a warning naming it.
+"""Images for training, NLL and FID: CIFAR-10, any torchvision dataset of its form, or a folder of images
+(an unreadable file is skipped with a warning). Each becomes RGB (or grayscale, img_channels 1), fitted to
+img_size (resized, centre-cropped), scaled to [-1, 1]; training flips it left-right at random on the device
+(a continued run sees the same flips), in `EpochSampler`'s order: the original's pipeline for CIFAR-10.
 """
 import difflib
 import itertools
@@ -26,12 +22,11 @@ from Diffusion.Run.Config import ConfigError, RunError
 
 # torchvision reads CIFAR-10's class names from the dataset's files; eval needs them without.
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
-UNREADABLE_IMAGE_ERRORS = (OSError, SyntaxError, Image.DecompressionBombError)
+_skipped_files = set()  # the unreadable images this process has warned about
 
 
 class DataUnavailable(RunError):
-    """The images cannot be had: no readable image, or a dataset that can be neither loaded nor
-    downloaded."""
+    """The images cannot be had: no readable image, or a dataset neither loaded nor downloaded."""
 
 
 def image_transform(img_size, img_channels=3, for_model=True):
@@ -45,19 +40,14 @@ def image_transform(img_size, img_channels=3, for_model=True):
                                transforms.Normalize([0.5] * img_channels, [0.5] * img_channels)])
 
 
-_skipped_files = set()  # the unreadable images this process has warned about
-
-
 def load_readable(paths, index):
-    """(i, PIL image) of the first of paths[index], paths[index + 1], ... (wrapping around)
-    that PIL can read. Each unreadable file (truncated, not an image) is named once per process
-    (once per data-loading worker) in a warning, so that a bad file among thousands neither
-    stops an epoch midway nor goes unnoticed."""
+    """(i, PIL image) of the first of paths[index], paths[index + 1], ... (wrapping around) PIL can read;
+    each unreadable one is named in a warning once per process: it neither stops an epoch nor goes unseen."""
     for offset in range(len(paths)):
         i = (index + offset) % len(paths)
         try:
             return i, default_loader(paths[i])
-        except UNREADABLE_IMAGE_ERRORS as error:
+        except (OSError, SyntaxError, Image.DecompressionBombError) as error:
             if paths[i] not in _skipped_files:
                 _skipped_files.add(paths[i])
                 why = "not an image PIL knows" if isinstance(error, UnidentifiedImageError) else error
@@ -72,10 +62,8 @@ class ImageFiles(Dataset):
     """Every image file under `root`, searched recursively, with the label 0."""
 
     def __init__(self, root, transform):
-        self.paths = sorted(
-            os.path.join(folder, name)
-            for folder, _, names in os.walk(root, followlinks=True)
-            for name in names if name.lower().endswith(IMG_EXTENSIONS))
+        self.paths = sorted(os.path.join(folder, name) for folder, _, names in os.walk(root, followlinks=True)
+                            for name in names if name.lower().endswith(IMG_EXTENSIONS))
         self.transform = transform
 
     def __len__(self):
@@ -87,8 +75,7 @@ class ImageFiles(Dataset):
 
 
 class ClassFolders(ImageFolder):
-    """torchvision's ImageFolder (one subfolder per class, in sorted order) that skips an
-    unreadable image as ImageFiles does: the image and label of the next readable one instead."""
+    """torchvision's ImageFolder (one subfolder per class, in sorted order), skipping as ImageFiles does."""
 
     def __init__(self, root, transform):
         super().__init__(root, transform)
@@ -105,18 +92,14 @@ def is_torchvision_dataset(name):
     return not is_path and isinstance(getattr(torchvision.datasets, name, None), type)
 
 
-def _closest_dataset(name):
-    names = [n for n in torchvision.datasets.__all__ if is_torchvision_dataset(n)]
-    close = difflib.get_close_matches(name, names, n=1)
-    return f" Did you mean {close[0]}?" if close else ""
-
-
 def image_folder(path, transform, labelled):
     """A folder of images; `labelled`: one subfolder per class, labelled in sorted order."""
     if not os.path.isdir(path):
-        raise ConfigError(f"dataset folder {path!r} does not exist: give a folder of images, or "
-                          f"a torchvision dataset name such as CIFAR10, CIFAR100 or MNIST."
-                          f"{_closest_dataset(path)}")
+        names = [name for name in torchvision.datasets.__all__ if is_torchvision_dataset(name)]
+        close = difflib.get_close_matches(path, names, n=1)
+        hint = f" Did you mean {close[0]}?" if close else ""
+        raise ConfigError(f"dataset folder {path!r} does not exist: give a folder of images, or a "
+                          f"torchvision dataset name such as CIFAR10, CIFAR100 or MNIST.{hint}")
     if not labelled:
         return ImageFiles(path, transform)
     try:
@@ -132,15 +115,10 @@ def is_mnist_family(dataset_class):
 
 
 def dataset_folders(dataset_class, data_root):
-    """(root given to torchvision, the folder it downloads to and reads). The MNIST family
-    makes data_root/<class name>/raw itself, so it gets data_root (Fashion-MNIST's four files
-    go in data_root/FashionMNIST/raw); the others (CIFAR10, ...) get data_root/<class name>,
-    as the original."""
-    name = dataset_class.__name__
-    if is_mnist_family(dataset_class):
-        return data_root, os.path.join(data_root, name, "raw")
-    root = os.path.join(data_root, name)
-    return root, root
+    """(root given to torchvision, the folder it downloads to and reads): the MNIST family gets data_root
+    and makes data_root/<class name>/raw itself; the others (CIFAR10, ...) get data_root/<class name>."""
+    folder = os.path.join(data_root, dataset_class.__name__)
+    return (data_root, os.path.join(folder, "raw")) if is_mnist_family(dataset_class) else (folder, folder)
 
 
 def downloaded_files(dataset_class, folder):
@@ -155,18 +133,15 @@ def download_hint(dataset_class):
     if hasattr(dataset_class, "url") and not is_mnist_family(dataset_class):  # CIFAR10, CIFAR100, ...
         return f"{dataset_class.filename} from {dataset_class.url}"
     files = ", ".join(name for name, _ in getattr(dataset_class, "resources", []))
-    mirror = getattr(dataset_class, "mirrors", ["its download page"])[0]
-    return f"{files} from {mirror}"
+    return f"{files} from {getattr(dataset_class, 'mirrors', ['its download page'])[0]}"
 
 
 def outermost_missing_folder(path):
     """The outermost folder on the way to `path` that does not exist yet; None if path exists."""
     path = os.path.abspath(path)
-    if os.path.exists(path):
-        return None
     while not os.path.exists(os.path.dirname(path)):
         path = os.path.dirname(path)
-    return path
+    return None if os.path.exists(path) else path
 
 
 def remove_empty_folders(folder):
@@ -179,23 +154,20 @@ def remove_empty_folders(folder):
 
 
 def torchvision_dataset(name, data_root, transform, train=True):
-    """torchvision.datasets.<name>(root, train, transform, download=True) (train False: its test
-    split), root as dataset_folders says. A failed download names the files to fetch and where they go, and
-    leaves no empty folder behind; a file in place with the wrong checksum is named as corrupt."""
+    """torchvision.datasets.<name>(root, train, transform, download=True), root as dataset_folders says.
+    A failed download names what to fetch and where, leaving no empty folder, or names the corrupt file."""
     dataset_class = getattr(torchvision.datasets, name)
     root, folder = dataset_folders(dataset_class, data_root)
     new_folder = outermost_missing_folder(os.path.join(data_root, name))
     try:
         return dataset_class(root=root, train=train, transform=transform, download=True)
     except TypeError as error:
-        raise ConfigError(f"torchvision dataset {name!r} is not of the (root, train, transform, "
-                          f"download) form this repo uses ({error}): use a folder of images "
-                          f"instead.") from None
+        raise ConfigError(f"torchvision dataset {name!r} is not of the (root, train, transform, download) "
+                          f"form this repo uses ({error}): use a folder of images instead.") from None
     except (OSError, RuntimeError) as error:
         if new_folder:  # made by this failed download: leave no empty folder behind
             remove_empty_folders(new_folder)
-        # torchvision checks no checksum on the MNIST family's files once they are uncompressed;
-        # a copy compressed again (Debian's dataset-fashion-mnist) has another checksum.
+        # The MNIST family's files go unchecked once uncompressed; Debian's recompressed ones fail the MD5.
         uncompressed = (" (or uncompressed: gunzip them there, which torchvision reads without "
                         "a checksum)") if is_mnist_family(dataset_class) else ""
         corrupt = [path for path, md5 in downloaded_files(dataset_class, folder)
@@ -206,7 +178,7 @@ def torchvision_dataset(name, data_root, transform, train=True):
                                   f"then run again online to download it afresh, or put an "
                                   f"intact copy there{uncompressed}.") from None
         # The last line says why: torchvision's MNIST lists each mirror it tried above it.
-        reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+        reason = (str(error).strip() or type(error).__name__).splitlines()[-1]
         raise DataUnavailable(f"could not load or download {name} ({reason}): on a machine that "
                               f"is online, download {download_hint(dataset_class)}, and put "
                               f"it in {os.path.abspath(folder)}{uncompressed}; or set dataset to a "
@@ -214,18 +186,14 @@ def torchvision_dataset(name, data_root, transform, train=True):
 
 
 def dataset_of(name, data_root, transform, labelled=False, train=True):
-    """The dataset `name`: a torchvision dataset in data_root (its test split with train False),
-    or a folder of images (`labelled`: one subfolder per class)."""
-    if is_torchvision_dataset(name):
-        return torchvision_dataset(name, data_root, transform, train)
-    return image_folder(name, transform, labelled)
+    """The torchvision dataset `name` in data_root (train False: its test split), or image_folder(name)."""
+    return (torchvision_dataset(name, data_root, transform, train) if is_torchvision_dataset(name)
+            else image_folder(name, transform, labelled))
 
 
 def training_dataset(name, data_root, img_size, img_channels, max_images, batch_size, labelled=False):
-    """The dataset `name` (a torchvision dataset in data_root, or a folder of images), its
-    images fitted to img_size with img_channels, cut to a fixed random max_images of them (None:
-    all); its `.classes` names the classes (empty without labels). `labelled`: the model trains
-    on its labels, so it must have some."""
+    """dataset_of(name) fitted to img_size and img_channels, cut to a fixed random max_images (None: all);
+    `.classes` names its classes (empty without labels), which `labelled` (training on them) requires."""
     dataset = dataset_of(name, data_root, image_transform(img_size, img_channels), labelled)
     classes = list(getattr(dataset, "classes", None) or [])
     if labelled and not classes:
@@ -243,9 +211,8 @@ def training_dataset(name, data_root, img_size, img_channels, max_images, batch_
 
 
 class EpochSampler(DistributedSampler):
-    """The data order: epoch e is a random permutation seeded by seed + e, of which this process
-    takes every world_size-th image (DistributedSampler); `start_epoch` can begin `skip` images
-    into it, where a stopped run left off."""
+    """Epoch e is a permutation seeded by seed + e, of which this process takes every world_size-th image
+    (DistributedSampler); `start_epoch` can begin `skip` images in, where a stopped run left off."""
 
     def __init__(self, dataset, process, seed):
         super().__init__(dataset, num_replicas=process.world_size, rank=process.rank,
@@ -264,25 +231,20 @@ class EpochSampler(DistributedSampler):
 
 
 def ignore_ctrl_c(worker_id=None):
-    """For data-loading workers: Ctrl-C reaches every process of the terminal's group, and the
-    main process alone decides when to stop."""
+    """For data-loading workers: Ctrl-C reaches the terminal's whole group; the main process decides."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def training_loader(dataset, batch_size, num_workers, sampler, device):
-    """Batches of (images [B, C, img_size, img_size] in [-1, 1], labels [B]) in the order of
-    `sampler`; the last incomplete batch is dropped."""
-    # Its own generator: the loader draws its workers' seeds from it, not from torch's global
-    # generator, whose state a training state saves.
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True,
-                      num_workers=num_workers, persistent_workers=num_workers > 0,
-                      pin_memory=torch.device(device).type == "cuda", worker_init_fn=ignore_ctrl_c,
-                      generator=torch.Generator())
+    """Batches of (images [B, C, img_size, img_size] in [-1, 1], labels [B]) in `sampler`'s order, the last
+    incomplete one dropped. Its own generator seeds the workers, not torch's global one (a state saves it)."""
+    return DataLoader(dataset, batch_size, sampler=sampler, drop_last=True, num_workers=num_workers,
+                      persistent_workers=num_workers > 0, pin_memory=torch.device(device).type == "cuda",
+                      worker_init_fn=ignore_ctrl_c, generator=torch.Generator())
 
 
 def flip_left_right_at_random(images, draws):
-    """Each image [B, C, H, W] mirrored left-right with probability 1/2 (the original's
-    RandomHorizontalFlip, drawn from `draws`, a GlobalBatchRandomness, so that a continued run
-    sees the same flips)."""
+    """Each image [B, C, H, W] mirrored left-right with probability 1/2 (the original's RandomHorizontalFlip),
+    drawn from `draws`, a GlobalBatchRandomness, so that a continued run sees the same flips."""
     flip = draws.rand(images.shape[0], images.device) < 0.5
     return torch.where(flip[:, None, None, None], images.flip(-1), images)

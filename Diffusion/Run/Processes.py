@@ -1,26 +1,17 @@
-"""Several processes, started by torchrun, their random numbers, and how each runs the network
-(the speed options). One process per GPU (NCCL), or several CPU processes (gloo). Training uses DistributedDataParallel: `batch_size` is per
-process; the loss is that of the global batch, so N processes train as one process with an N
-times larger batch. Exporting samples gives each process its share of the batches.
+"""Several processes, started by torchrun (one per GPU with NCCL, or several on CPU with gloo), their
+random numbers, and how each runs the network (the speed options); on one process (plain `python
+Main.py`) every helper here is the identity. Training uses DistributedDataParallel, `batch_size` per
+process and the loss of the global batch: N processes train as one with an N times larger batch.
 
-The random numbers of training are arranged so that a run can be stopped and continued to the
-same result, and so that N processes train like one:
-- per image (the flip, the timestep t, the noise eps, the dropped label): drawn by
-  `GlobalBatchRandomness` from one generator seeded alike in every process, for the images of
-  all processes together; each process keeps its share, so image i of a global batch gets the
-  same numbers whatever the number of processes;
-- inside the network (dropout): each process's own torch generators, seeded with seed + rank.
-`rng_states` and `restore_rng_states` capture and restore every generator for the training state.
+The random numbers of training let a stopped run continue to the same result and N processes train
+like one: those per image (the flip, the timestep t, the noise eps, the dropped label) come from
+`GlobalBatchRandomness`, those inside the network (dropout) from each process's own generators, seeded
+with seed + rank; `rng_states` and `restore_rng_states` capture and restore them all.
 
-The speed options change no checkpoint, so a model trained with any of them loads and samples
-with none: `amp` autocasts the network to bfloat16 or float16 ("none": float32, the original's;
-the weights, the optimizer and the diffusion arithmetic stay float32, and float16 scales the loss
-with a GradScaler so that small gradients do not underflow), `compile` torch.compiles it (the
-first steps are slow while it compiles), `channels_last` gives it the NHWC memory format, which
-convolution kernels on GPUs prefer.
-
-On one process (plain `python Main.py`) every helper here is the identity, so the recipe reads
-the same either way.
+The speed options change no checkpoint (a model trained with any loads and samples with none): `amp`
+autocasts the network to bfloat16 or float16 (the weights, the optimizer and the diffusion arithmetic
+stay float32; float16 scales the loss with a GradScaler so that small gradients do not underflow),
+`compile` torch.compiles it, `channels_last` gives it the NHWC memory format, which GPUs prefer.
 """
 import os
 import random
@@ -65,19 +56,14 @@ class Process:
             tqdm.write(message)
 
 
-def launched_by_torchrun():
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "LOCAL_RANK" in os.environ
-
-
 @contextmanager
 def torchrun_group(device, if_lost=""):
-    """Join torchrun's process group (NCCL on CUDA, with the GPU of LOCAL_RANK; gloo on CPU)
-    for the duration; a plain run is one process on `device` (a torch device or its name).
-    When another process stops (killed, out of memory, its machine lost), this one's next
-    collective fails: that ends the run with ProcessLost, which names the lost process and
-    adds `if_lost` (where the work is kept and how to continue)."""
+    """Join torchrun's process group (NCCL on CUDA, with the GPU of LOCAL_RANK; gloo on CPU) for the
+    duration; a plain run is one process on `device` (a torch device or its name). When another
+    process stops (killed, out of memory, its machine lost), this one's next collective fails: the run
+    ends with ProcessLost, naming the lost process and adding `if_lost` (where the work is kept)."""
     device = torch.device(device)
-    if not launched_by_torchrun():
+    if not all(variable in os.environ for variable in ("RANK", "WORLD_SIZE", "LOCAL_RANK")):  # no torchrun
         yield Process(device)
         return
     if device.type == "cuda":
@@ -104,17 +90,15 @@ def torchrun_group(device, if_lost=""):
 
 
 def outlive_the_closing_signal(identities, process):
-    """When one process stops, torchrun's agent sends SIGTERM to the others, which would end
-    this one before its next collective fails and says which process was lost: from now on that
-    SIGTERM is ignored while a process of this machine is gone (the agent's SIGKILL follows
-    30 s later). Any other SIGTERM does what it did before. Returns the handler replaced."""
+    """torchrun's agent SIGTERMs the other processes when one stops, which would end this one before its
+    next collective fails and names the lost one: from now on SIGTERM is ignored while a process of
+    this machine is gone (SIGKILL follows 30 s later); any other does as before. Returns the old handler."""
     previous_handler = signal.getsignal(signal.SIGTERM)
 
     def on_sigterm(number, frame):
         if not gone_here(identities, process):
             signal.signal(signal.SIGTERM, previous_handler)
             signal.raise_signal(signal.SIGTERM)
-
     signal.signal(signal.SIGTERM, on_sigterm)
     return previous_handler
 
@@ -122,24 +106,20 @@ def outlive_the_closing_signal(identities, process):
 def is_a_lost_peer(error):
     """Whether a collective failed because another process is gone (gloo: the connection was
     reset or closed; NCCL: the communicator was aborted or timed out)."""
-    text = str(error)
     return isinstance(error, dist.DistError) or any(
-        sign in text for sign in ("Connection reset", "Connection closed", "NCCL", "gloo"))
+        sign in str(error) for sign in ("Connection reset", "Connection closed", "NCCL", "gloo"))
 
 
 def gone_here(identities, process):
-    """The other processes of this machine that are no longer running (by their pids), as
-    (rank, pid) pairs."""
-    here = socket.gethostname()
+    """The other processes of this machine no longer running (by their pids), as (rank, pid) pairs."""
     return [(rank, pid) for rank, (host, pid) in enumerate(identities)
-            if rank != process.rank and host == here and not is_running(pid)]
+            if rank != process.rank and host == socket.gethostname() and not is_running(pid)]
 
 
 def lost_processes(identities, process, wait_seconds=2.):
-    """The processes of this machine that are no longer running, as words: "process 1 of 2
-    (pid 1234)"; "another of the N processes" when none of them is (it ran on another machine).
-    A killed process closes its connections a moment before it ends: it is waited for up to
-    `wait_seconds`."""
+    """The processes of this machine no longer running, as words: "process 1 of 2 (pid 1234)";
+    "another of the N processes" when none is (it ran on another machine). A killed process closes
+    its connections a moment before it ends: it is waited for up to `wait_seconds`."""
     deadline = time.monotonic() + wait_seconds
     while not (gone := gone_here(identities, process)) and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -148,8 +128,7 @@ def lost_processes(identities, process, wait_seconds=2.):
 
 
 def is_running(pid):
-    """Whether process `pid` runs: on Linux, a process that has ended but is not yet reaped (a
-    zombie) does not; elsewhere, whether it can be signalled."""
+    """Whether process `pid` runs (on Linux a zombie does not; elsewhere: whether it can be signalled)."""
     if not os.path.isdir("/proc"):
         try:
             os.kill(pid, 0)
@@ -166,12 +145,9 @@ def is_running(pid):
 
 
 def data_parallel(model, process):
-    """`model` wrapped in DistributedDataParallel under torchrun, which averages the gradients
-    of the processes in backward (and starts them all from rank 0's weights)."""
-    if not process.distributed:
-        return model
+    """`model` in DistributedDataParallel under torchrun (gradients averaged, from rank 0's weights)."""
     device_ids = [process.device] if process.device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=device_ids)
+    return DistributedDataParallel(model, device_ids=device_ids) if process.distributed else model
 
 
 def common_seed(seed, process):
@@ -207,11 +183,11 @@ def sum_over_processes(tensor, process):
 
 def any_process(flags, process):
     """Flags [N] of booleans: each True if it is True in any process."""
-    if not process.distributed:
-        return [bool(flag) for flag in flags]
-    flags = torch.tensor(flags, dtype=torch.int32, device=process.device)
-    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-    return [bool(flag) for flag in flags.tolist()]
+    if process.distributed:
+        flags = torch.tensor(flags, dtype=torch.int32, device=process.device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        flags = flags.tolist()
+    return [bool(flag) for flag in flags]
 
 
 def assert_identical_weights(model, process):
@@ -225,8 +201,7 @@ def assert_identical_weights(model, process):
         differs = any_process([bool((flat != reference).any())], process)[0]
     if differs:
         raise RuntimeError("the training processes ended with different weights")
-    if process.is_main:
-        tqdm.write(f"the {process.world_size} training processes end with identical weights")
+    process.say(f"the {process.world_size} training processes end with identical weights")
 
 
 # --- the speed options -----------------------------------------------------------------------
@@ -236,8 +211,7 @@ AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 def autocast(device, amp):
     """The autocast context of amp ("bf16", "fp16") on `device`; nothing for "none"."""
-    dtype = AMP_DTYPES[amp]
-    return nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+    return nullcontext() if AMP_DTYPES[amp] is None else torch.autocast(device.type, dtype=AMP_DTYPES[amp])
 
 
 def memory_format(channels_last):
@@ -246,50 +220,43 @@ def memory_format(channels_last):
 
 def compiled(network, compile, announce=True):
     """torch.compile(network) if `compile`, else `network` itself."""
-    if not compile:
-        return network
-    if announce:
+    if compile and announce:
         tqdm.write("compile: the first steps are slow while torch.compile builds the kernels")
-    return torch.compile(network)
+    return torch.compile(network) if compile else network
 
 
 # --- the random numbers ----------------------------------------------------------------------
 
 
 class GlobalBatchRandomness:
-    """The random numbers of the images of a global batch, the batch of all `world_size`
-    processes together. This process holds its images rank, rank + world_size, ... (as
-    DistributedSampler deals them out); every draw is made for the whole global batch from
-    `generator` and this process keeps its positions.
-
-    With the defaults (no generator, one process) the draws come from torch's global generator.
-    """
+    """The random numbers of the images of a global batch, that of all `world_size` processes together.
+    This process holds images rank, rank + world_size, ... (as DistributedSampler deals them out); every
+    draw is made for the whole global batch from `generator` (default: torch's global one), seeded alike
+    in every process, and this process keeps its positions: image i of a global batch gets the same
+    numbers whatever the number of processes."""
 
     def __init__(self, generator=None, rank=0, world_size=1):
-        self.generator = generator
-        self.rank = rank
-        self.world_size = world_size
+        self.generator, self.rank, self.world_size = generator, rank, world_size
 
     def size(self, local_size):
         """The number of images in the global batch, given this process's `local_size`."""
         return local_size * self.world_size
 
-    def _share(self, values):
-        return values[self.rank::self.world_size]
+    def _share(self, draw, *arguments, **options):
+        """This process's positions of draw(*arguments, **options) from `generator` for the global batch."""
+        return draw(*arguments, generator=self.generator, **options)[self.rank::self.world_size]
 
     def rand(self, local_size, device):
         """u ~ Uniform[0, 1) for each of this process's images: [local_size]."""
-        return self._share(torch.rand(self.size(local_size), generator=self.generator, device=device))
+        return self._share(torch.rand, self.size(local_size), device=device)
 
     def randint(self, high, local_size, device):
         """t ~ Uniform{0, ..., high - 1} for each of this process's images: [local_size]."""
-        return self._share(torch.randint(high, (self.size(local_size),), generator=self.generator,
-                                         device=device))
+        return self._share(torch.randint, high, (self.size(local_size),), device=device)
 
     def randn_like(self, x):
         """eps ~ N(0, I) shaped like x [local_size, ...]."""
-        shape = (self.size(x.shape[0]), *x.shape[1:])
-        return self._share(torch.randn(shape, generator=self.generator, device=x.device, dtype=x.dtype))
+        return self._share(torch.randn, (self.size(x.shape[0]), *x.shape[1:]), device=x.device, dtype=x.dtype)
 
     def rand_one(self, device):
         """One u ~ Uniform[0, 1) shared by the whole global batch: a scalar tensor."""
@@ -316,8 +283,7 @@ def rng_states(device, generator):
     kind, keys, position, has_gauss, cached_gauss = np.random.get_state()
     states = {"torch": torch.get_rng_state(),
               "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached_gauss],
-              "python": random.getstate(),
-              "batch": generator.get_state()}
+              "python": random.getstate(), "batch": generator.get_state()}
     if device.type == "cuda":
         states["cuda"] = torch.cuda.get_rng_state(device)
     return states

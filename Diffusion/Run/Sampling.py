@@ -16,12 +16,10 @@ options; and its samples out as files: grids, single PNGs, and many of them for 
                             None: logSNR for the solvers, uniform for the others
 sample_steps is the number of network evaluations (NFE) of a sample.
 
-The export writes `num_samples` images in batches of `batch_size`, continuing where an earlier,
-interrupted export stopped. Image k is `{k:06d}.png`. Batch b draws its noise from a seed made of
-(seed, b): a batch is the same whether it is drawn in the first run or after an interruption,
-and only batches with a missing file are drawn again. Under torchrun, process r of N draws
-batches r, r + N, r + 2N, ...: the same images, N times faster. Tensors of images are
-[N, C, H, W] in [-1, 1] (C: 3, or 1 for grayscale), as the model sees them.
+The export writes `num_samples` images `{k:06d}.png` in batches of `batch_size`, continuing an
+interrupted export: batch b draws its noise from a seed of (seed, b), so it is the same in any run,
+and only batches with a missing file are drawn again. Under torchrun, process r of N draws batches
+r, r + N, ...: the same images, N times faster. Images are [N, C, H, W] in [-1, 1] (C: 3 or 1).
 """
 import math
 import os
@@ -46,17 +44,14 @@ LARGEST_BETA = 0.999  # a beta_T suggested must stay below 1
 
 
 def skip_type_of(config):
-    """config["skip_type"], or when it is None the sampler's own: logSNR for the ODE solvers,
-    uniform for DDPM and DDIM."""
-    if config["skip_type"] is not None:
-        return config["skip_type"]
-    return "logSNR" if config["sampler"] in SOLVERS else "uniform"
+    """config["skip_type"], or when None the sampler's own: logSNR for the solvers, else uniform."""
+    own = "logSNR" if config["sampler"] in SOLVERS else "uniform"
+    return own if config["skip_type"] is None else config["skip_type"]
 
 
 def timesteps_of(config):
-    """The timesteps the configured sampler visits, long [steps_of(config)]. logSNR_split gives
-    the ODE below eta_min_snr half of the steps, where uniform log-SNR gives it fewer (8 of 20),
-    which scored worse at 10 and 20 NFE (benchmarks/RESULTS.md)."""
+    """The timesteps the configured sampler visits, long [steps_of(config)]. logSNR_split gives the ODE below
+    eta_min_snr half of the steps (uniform log-SNR 8 of 20, worse at 10 and 20 NFE: benchmarks/RESULTS.md)."""
     if skip_type_of(config) in ("logSNR", "logSNR_split"):
         betas = betas_of(config["beta_schedule"], config["beta_1"], config["beta_T"], config["T"])
         alphas_bar = torch.cumprod(1. - betas, dim=0)
@@ -65,22 +60,17 @@ def timesteps_of(config):
     return sampling_timesteps(config["T"], steps_of(config), skip_type_of(config))
 
 
-def solver_of(config):
-    """The solver function of config["sampler"], with its noise (eta, eta_min_snr) bound."""
-    return partial(SOLVERS[config["sampler"]], eta=config["eta"], eta_min_snr=config["eta_min_snr"])
-
-
 def sampler_of(config, network):
-    """The sampler of config["sampler"] over `network` (the UNet, or the guided estimate of the
-    conditional one, under the speed options), on config["device"]:
-    `sampler(x_T, *condition) -> x_0`."""
+    """The sampler of config["sampler"] over `network` (the UNet, or the conditional one's guided
+    estimate, under the speed options) on config["device"]: `sampler(x_T, *condition) -> x_0`."""
     schedule = (network, config["beta_1"], config["beta_T"], config["T"])
     options = {"timesteps": timesteps_of(config), "clip_denoised": config["clip_denoised"],
                "beta_schedule": config["beta_schedule"], "prediction": config["prediction"]}
     if config["sampler"] == "ddim":
         sampler = DDIMSampler(*schedule, eta=config["eta"], **options)
-    elif config["sampler"] in SOLVERS:
-        sampler = SolverSampler(*schedule, solver_of(config), order=config["solver_order"], **options)
+    elif config["sampler"] in SOLVERS:  # the solver with its noise (eta, eta_min_snr) bound
+        solver = partial(SOLVERS[config["sampler"]], eta=config["eta"], eta_min_snr=config["eta_min_snr"])
+        sampler = SolverSampler(*schedule, solver, order=config["solver_order"], **options)
     else:
         sampler = GaussianDiffusionSampler(*schedule, variance=config["variance"], **options)
     return sampler.to(torch.device(config["device"]))
@@ -108,9 +98,8 @@ class UnderSpeedOptions(nn.Module):
 def under_speed_options(model, amp, compile, channels_last, device):
     """`model` as samplers call it under the speed options amp, compile and channels_last on
     `device` (UnderSpeedOptions), or itself when every option is off."""
-    if amp == "none" and not compile and not channels_last:
-        return model
-    return UnderSpeedOptions(model, amp, compile, channels_last, torch.device(device))
+    off = amp == "none" and not compile and not channels_last
+    return model if off else UnderSpeedOptions(model, amp, compile, channels_last, torch.device(device))
 
 
 # --- images out -------------------------------------------------------------------------------
@@ -142,8 +131,7 @@ def save_grid(images, folder, name, nrow):
 
 
 def save_png_atomically(image, path):
-    """One image [3, H, W] in [-1, 1] -> a PNG file, written to a temporary name and renamed, so
-    that an interruption never leaves a truncated file under `path`."""
+    """One image [3, H, W] in [-1, 1] -> a PNG file, written as path.tmp and renamed: never truncated."""
     temporary = f"{path}.tmp"
     save_image(to_unit_range(image), temporary, format="PNG")
     os.replace(temporary, path)
@@ -159,11 +147,10 @@ def batch_seed(seed, batch):
 
 
 def export_samples(draw, folder, num_samples, batch_size, process, seed=None, description="export"):
-    """Write images 0 .. num_samples - 1 that are not yet in `folder`; draw(first, count) ->
-    images [count, 3, H, W] in [-1, 1] for indices first .. first + count - 1 (the conditional
-    model picks each index's class from it). A progress bar counts the images, with an ETA.
-    process (a Processes.Process): each draws its share of the batches, and all return
-    together. seed None: a new random export. Returns how many images this process wrote."""
+    """Write images 0 .. num_samples - 1 not yet in `folder`, under a progress bar; draw(first, count)
+    -> images [count, 3, H, W] in [-1, 1] of indices first .. first + count - 1 (the conditional model
+    picks each index's class). Each `process` (Processes.Process) draws its share of the batches; all
+    return together. seed None: a new random export. Returns how many images this process wrote."""
     rank, world_size = process.rank, process.world_size
     os.makedirs(folder, exist_ok=True)
     seed = common_seed(seed, process)  # the same in every process
@@ -208,31 +195,25 @@ def _round_up(value, significant_digits=2):
 
 
 def beta_T_that_removes_the_signal(beta_1, T, limit=SIGNAL_LEFT_LIMIT):
-    """The smallest beta_T, rounded up to two significant digits (more when close to 1), whose linear schedule from
-    beta_1 over T steps leaves less than `limit` of x_0 in x_T; None when no beta_T < 1 does.
-    The signal left falls as beta_T grows, so bisection finds it."""
+    """The smallest beta_T whose linear schedule from beta_1 over T steps leaves less than `limit` of
+    x_0 in x_T, found by bisection (the signal falls as beta_T grows) and rounded up to two
+    significant digits, more where that would reach LARGEST_BETA (very small T); None when none < 1."""
     low, high = beta_1, LARGEST_BETA
     if signal_left_at_T(beta_1, high, T) >= limit:
         return None
     for _ in range(60):
         middle = (low + high) / 2
         low, high = (low, middle) if signal_left_at_T(beta_1, middle, T) < limit else (middle, high)
-    # Two significant digits, more where rounding up would reach LARGEST_BETA (very small T).
-    for digits in range(2, 16):
-        rounded = _round_up(high, digits)
-        if rounded <= LARGEST_BETA:
-            return rounded
-    return high
+    return next((rounded for rounded in (_round_up(high, digits) for digits in range(2, 16))
+                 if rounded <= LARGEST_BETA), high)
 
 
 def warn_if_x_T_keeps_the_image(beta_1, beta_T, T, beta_schedule="linear"):
-    """One warning line on stderr when the schedule leaves more than SIGNAL_LEFT_LIMIT of x_0
-    in x_T, with the numbers and a beta_T that fixes it. Training sees x_T = sqrt(abar_T) x_0 +
-    sqrt(1 - abar_T) eps (Eq. 4), while Algorithm 2 starts from x_T ~ N(0, I): where
-    sqrt(abar_T), the share of the image left in x_T, is not small, the model never learns to
-    start from noise without an image in it, and its samples stay noise-like. The original's
-    configs leave 0.6% (T 1000) and 3% (T 500), T 200 with beta_T 0.02 leaves 37%, and the
-    cosine schedule leaves none."""
+    """One warning line on stderr, with a beta_T that fixes it, when the schedule leaves more than
+    SIGNAL_LEFT_LIMIT of x_0 in x_T: training sees x_T = sqrt(abar_T) x_0 + sqrt(1 - abar_T) eps
+    (Eq. 4), Algorithm 2 starts from x_T ~ N(0, I), so with much image left the samples stay
+    noise-like. The original's configs leave 0.6% (T 1000) and 3% (T 500), T 200 with beta_T 0.02
+    37%, the cosine schedule none."""
     left = signal_left_at_T(beta_1, beta_T, T, beta_schedule)
     if left <= SIGNAL_LEFT_LIMIT:
         return

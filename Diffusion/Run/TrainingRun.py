@@ -1,20 +1,12 @@
-"""A training run's bookkeeping around the recipe's steps (Train.fit): where it starts, the
-progress bar, the run log, the stop requests (SIGTERM, Ctrl-C), a diverged run given up, and at
-the end of each epoch the log line and now and then a grid of samples and an FID.
+"""A training run's bookkeeping around Train.fit's steps: where it starts, the progress bar, the run log,
+stop requests (SIGTERM, Ctrl-C), giving up a diverged run, each epoch's log line, sample grids and FIDs.
 
-The run log is one JSON object per line, appended to training_log.jsonl in the checkpoint folder
-at the end of every epoch and every log_every steps:
-
+The run log, training_log.jsonl in the checkpoint folder, gets a JSON line every epoch and log_every steps:
     {"kind": "epoch", "epoch": 3, "step": 2500, "loss": 0.0312, "lr": 0.0002,
      "images_per_second": 412.0, "seconds": 1830.5, "ema_decay": 0.9999}
-
-`loss` is the mean loss (over all processes) of the epoch, or of the log_every steps since the
-previous "step" line (fewer in the first line after a run continues); `seconds` counts from the
-start of this process. When `tensorboard` is installed (pip install tensorboard), the same
-scalars go to TensorBoard event files in tensorboard/, with the sample grids drawn every
-sample_every epochs (also written as PNGs into samples/):
-
-    tensorboard --logdir CheckPoints/tensorboard
+`loss`: the mean over all processes of the epoch or of the steps since the previous "step" line; `seconds`:
+since this process started. With `tensorboard` installed, the same scalars and the sample grids (every
+sample_every epochs, also PNGs in samples/) go to tensorboard/ (tensorboard --logdir CheckPoints/tensorboard).
 """
 import json
 import os
@@ -25,15 +17,8 @@ import torch
 from torchvision.utils import make_grid, save_image
 from tqdm import tqdm
 
-from Diffusion.Run.Checkpoints import (
-    LOG,
-    PREVIEWS,
-    TENSORBOARD,
-    TRAINING_STATE,
-    check_trained_as_configured,
-    is_snapshot_epoch,
-    write_run_info,
-)
+from Diffusion.Run.Checkpoints import (LOG, PREVIEWS, TENSORBOARD, TRAINING_STATE,
+                                       check_trained_as_configured, is_snapshot_epoch, write_run_info)
 from Diffusion.Run.Config import RunError
 from Diffusion.Run.Processes import any_process, assert_identical_weights, sum_over_processes
 from Diffusion.Run.Sampling import to_unit_range
@@ -48,8 +33,7 @@ class TrainingDiverged(RunError):
 
 
 class TrainingStopped(Exception):
-    """The run stopped on request after saving its state; the message says how to continue.
-    `exit_status` is the shell's convention for the signal: 128 + its number."""
+    """Stopped on request, the state saved (the message says how to continue); exit_status: 128 + signal."""
 
     def __init__(self, message, signal_number):
         super().__init__(message)
@@ -57,15 +41,14 @@ class TrainingStopped(Exception):
 
 
 class StopRequests:
-    """While entered, SIGTERM (a scheduler's pre-emption, `kill`) and SIGINT (Ctrl-C) set
-    `.signal` (the first one received) instead of killing the process; the training loop looks
-    at it between steps. A second Ctrl-C stops at once."""
+    """While entered, SIGTERM (a scheduler's pre-emption, `kill`) and SIGINT (Ctrl-C) set `.signal` (the first
+    received) instead of killing the process; the training loop looks at it between steps. A second Ctrl-C
+    stops at once."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
-        self.signal = None
-        self._previous = {}
+        self.signal, self._previous = None, {}
 
     def _request(self, signal_number, frame):
         if self.signal == signal.SIGINT and signal_number == signal.SIGINT:
@@ -73,22 +56,19 @@ class StopRequests:
         self.signal = self.signal or signal_number
 
     def __enter__(self):
-        for number in self.SIGNALS:
-            self._previous[number] = signal.signal(number, self._request)
+        self._previous = {number: signal.signal(number, self._request) for number in self.SIGNALS}
         return self
 
     def __exit__(self, *exception):
         for number, handler in self._previous.items():
             signal.signal(number, handler)
-        return False
 
 
 class TrainingRun:
-    """The bookkeeping of `state` (a TrainingState) in the checkpoint folder `folder`, with the
-    stop requests `stop` (StopRequests), for a run of `epochs` epochs: the training state is due
-    every `save_state_minutes`, a log line every `log_every` steps, a grid of samples every
-    `sample_every` epochs and an FID of the EMA weights every `fid_every`. preview(model) ->
-    (images [N, C, H, W], images per row) and fid(model) -> a number draw those."""
+    """The bookkeeping of `state` (a TrainingState) in checkpoint folder `folder`, with stop requests `stop`
+    (StopRequests), for `epochs` epochs: the state is due every save_state_minutes, a log line every log_every
+    steps, a grid of samples every sample_every epochs and an FID of the EMA weights every fid_every.
+    preview(model) -> (images [N, C, H, W], images per row) and fid(model) -> a number draw those."""
 
     def __init__(self, state, folder, stop, epochs, save_state_minutes, log_every, sample_every,
                  fid_every, preview, fid):
@@ -96,19 +76,17 @@ class TrainingRun:
         self.epochs, self.save_state_seconds = epochs, 60 * save_state_minutes
         self.log_every, self.sample_every, self.fid_every = log_every, sample_every, fid_every
         self.preview, self.fid = preview, fid
-        self.last_save = time.monotonic()
+        self.last_save, self.stop_asked = time.monotonic(), False
         self.log = self.progress = self.bar = None
-        self.stop_asked = False
 
-    def start(self, training_load_weight, seed, overwrite, folder_key, diffusion, classes, save_every,
+    def start(self, training_load_weight, seed, overwrite, checkpoints_key, diffusion, classes, save_every,
               keep_last):
-        """Begin a new run or continue the one training_load_weight names (TrainingState.py; a
-        continued run keeps the beta_schedule and prediction it was trained with), record them,
-        the class names and the weights the snapshots hold in run.json, and say what the run will
-        write. diffusion: {beta_schedule, prediction}; folder_key: the config key of `folder`."""
+        """Begin a new run or continue the one training_load_weight names (keeping the beta_schedule and
+        prediction it was trained with); record them, the class names and the snapshots' weights in run.json;
+        say what the run will write. diffusion: {beta_schedule, prediction}; checkpoints_key: `folder`'s key."""
         if training_load_weight is not None:
             check_trained_as_configured(self.folder, diffusion)
-        begin_or_continue(self.state, self.folder, folder_key, training_load_weight, seed, overwrite)
+        begin_or_continue(self.state, self.folder, checkpoints_key, training_load_weight, seed, overwrite)
         if self.process.is_main:
             write_run_info(self.folder, snapshot_weights="ema" if self.state.ema else "raw", **diffusion,
                            **({"classes": list(classes)} if classes else {}))
@@ -124,8 +102,7 @@ class TrainingRun:
             yield from loader
 
     def after_step(self, loss, taken):
-        """Count the step (loss: a device scalar; taken: False for a skipped step), log it, and
-        give up on a diverged run."""
+        """Count the step (loss: a device scalar; taken: False if skipped), log it, give up a diverged run."""
         state = self.state
         state.step_in_epoch += 1
         state.step += 1
@@ -143,27 +120,23 @@ class TrainingRun:
                 f"state are untouched by the skipped steps.")
 
     def save_due(self):
-        """Whether the training state is to be saved now: save_state_minutes have passed, or a
-        stop was asked for (in any process). Every process must call this."""
-        stop_asked, minutes_passed = any_process(
-            [self.stop.signal is not None, time.monotonic() - self.last_save >= self.save_state_seconds],
-            self.process)
-        self.stop_asked = stop_asked
-        if stop_asked or minutes_passed:
+        """Whether the training state is to be saved now: save_state_minutes have passed, or a stop was
+        asked for (in any process). Every process must call this."""
+        overdue = time.monotonic() - self.last_save >= self.save_state_seconds
+        self.stop_asked, overdue = any_process([self.stop.signal is not None, overdue], self.process)
+        if self.stop_asked or overdue:
             self.last_save = time.monotonic()
-        return stop_asked or minutes_passed
+        return self.stop_asked or overdue
 
     def stop_if_asked(self):
-        """After the training state is saved: end the run with TrainingStopped if a stop was asked
-        for, saying how to continue."""
-        if not self.stop_asked:
-            return
-        self.bar.close()
-        by = signal.Signals(self.stop.signal).name if self.stop.signal else "another process's signal"
-        raise TrainingStopped(f"stopped by {by} at epoch {self.state.epoch}, step {self.state.step_in_epoch}; "
-                              f"the training state is saved. Continue with the same command and "
-                              f"--training_load_weight last (checkpoint folder {self.folder}).",
-                              self.stop.signal or signal.SIGTERM)
+        """After the state is saved, end the run with TrainingStopped (saying how to continue) if asked to."""
+        if self.stop_asked:
+            self.bar.close()
+            by = signal.Signals(self.stop.signal).name if self.stop.signal else "another process's signal"
+            raise TrainingStopped(f"stopped by {by} at epoch {self.state.epoch}, step "
+                                  f"{self.state.step_in_epoch}; the training state is saved. Continue with "
+                                  f"the same command and --training_load_weight last (checkpoint folder "
+                                  f"{self.folder}).", self.stop.signal or signal.SIGTERM)
 
     def end_epoch(self, epoch):
         """After `epoch` is saved: its log line, with an FID of the EMA weights every fid_every
@@ -178,8 +151,8 @@ class TrainingRun:
             self.log.samples(images, epoch, self.state.step, per_row)
 
     def with_ema_weights(self, function):
-        """function(model) with the EMA weights in eval mode, from the same noise every time (the
-        seed's), without touching the training's random generators."""
+        """function(model) with the EMA weights in eval mode, from the same noise every time (the seed's),
+        without touching the training's random generators."""
         model = self.state.ema.module if self.state.ema else self.state.model
         device = self.process.device
         model.eval()
@@ -198,19 +171,14 @@ class TrainingRun:
         self.log.close()
 
 
-def megabytes(state_dict):
-    return sum(t.numel() * t.element_size() for t in state_dict.values()) / 2 ** 20
-
-
 def _amount(mb):
     return f"{mb / 1024:.1f} GB" if mb >= 1024 else f"{mb:.0f} MB"
 
 
 def disk_plan(state, folder, epochs, save_every, keep_last, minutes):
-    """One line: what the run of `state` writes into `folder` from its epoch to `epochs`
-    (snapshots every save_every epochs, the newest keep_last kept; the training state every
-    `minutes`) and about how much disk it takes."""
-    weights_mb = megabytes(state.model.state_dict())
+    """One line: what the run of `state` writes into `folder` from its epoch to `epochs` (snapshots every
+    save_every epochs, the newest keep_last kept; the state every `minutes`) and about the disk it takes."""
+    weights_mb = sum(t.numel() * t.element_size() for t in state.model.state_dict().values()) / 2 ** 20
     state_mb = weights_mb * (3 + bool(state.ema))  # the weights, the EMA's, AdamW's 2 moments
     snapshots = [e for e in range(state.epoch, epochs) if is_snapshot_epoch(e, save_every, epochs)]
     kept = len(snapshots) if keep_last is None else min(len(snapshots), keep_last)
@@ -223,13 +191,10 @@ def disk_plan(state, folder, epochs, save_every, keep_last, minutes):
 
 
 class RunLog:
-    """training_log.jsonl and TensorBoard: written only in the main process; the others' calls
-    do nothing."""
+    """training_log.jsonl and TensorBoard, written by the main process only (others' calls do nothing)."""
 
     def __init__(self, folder, process):
-        self.folder = folder
-        self.enabled = process.is_main
-        self.started = time.monotonic()
+        self.folder, self.enabled, self.started = folder, process.is_main, time.monotonic()
         self.tensorboard = tensorboard_writer(folder) if self.enabled else None
 
     def write(self, kind, **record):
@@ -269,17 +234,14 @@ def tensorboard_writer(folder):
 
 
 class Progress:
-    """The progress bar of each epoch (main process) and the numbers of the log's lines: the
-    mean loss since the previous line and over the epoch, images per second, and the ETA of the
-    whole run in the bar."""
+    """Each epoch's progress bar (main process; with the whole run's ETA) and the numbers of the log's lines:
+    the mean loss since the previous line and over the epoch, images per second."""
 
     def __init__(self, state, epochs, steps_per_epoch):
-        self.process = state.process
+        self.process, self.steps_per_epoch, self.epochs = state.process, steps_per_epoch, epochs
         self.images_per_step = state.batch_size * state.process.world_size
         self.steps_left = (epochs - state.epoch) * steps_per_epoch - state.step_in_epoch
-        self.steps_per_epoch, self.epochs = steps_per_epoch, epochs
-        self.started = time.monotonic()
-        self.steps_done = 0
+        self.started, self.steps_done = time.monotonic(), 0
         self.since_record, self.in_epoch = self._sums(), self._sums()
 
     def _sums(self):

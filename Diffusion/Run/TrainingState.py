@@ -1,44 +1,21 @@
-"""The training state, `training_state.pt`: everything a run needs to continue to the very
-result it would have reached without stopping: the raw and the EMA weights, the optimizer, the
-LR schedule, the GradScaler, where the run is (epoch, step within it), its seed and the state of
-every random generator of every process (the data order follows from the seed and the position).
-
-It is written atomically (the previous state stays readable until the new one is complete) at
-the end of every epoch, every save_state_minutes, and when the run is asked to stop. `start`
-decides where a run begins: a new run, or a continuation (see `continue_run`).
+"""The training state, `training_state.pt`: all a run needs to continue to the very result it would have
+reached without stopping: the raw and EMA weights, the optimizer, the LR schedule, the GradScaler, where
+the run is (epoch, step in it), its seed and every process's random generators (the data order follows
+from the seed and the position). Written atomically at the end of every epoch, every save_state_minutes
+and when the run is asked to stop. `begin_or_continue` begins a new run or continues one (`continue_run`).
 """
 import os
 import shutil
 
 from tqdm import tqdm
 
-from Diffusion.Run.Checkpoints import (
-    LOG,
-    PREVIEWS,
-    RUN_INFO,
-    STATE_FORMAT,
-    TENSORBOARD,
-    TRAINING_STATE,
-    epoch_of,
-    is_training_state,
-    list_checkpoints,
-    load_into,
-    read_run_info,
-    read_state_dict,
-    safe_load,
-    save_atomically,
-    state_ends_epoch,
-)
+from Diffusion.Run.Checkpoints import (LOG, PREVIEWS, RUN_INFO, STATE_FORMAT, TENSORBOARD, TRAINING_STATE,
+                                       epoch_of, is_training_state, list_checkpoints, load_into,
+                                       read_run_info, read_state_dict, safe_load, save_atomically,
+                                       state_ends_epoch)
 from Diffusion.Run.Config import ConfigError
-from Diffusion.Run.Processes import (
-    batch_generator,
-    common_seed,
-    gather,
-    restore_rng_states,
-    rng_states,
-    seed_process,
-    wait_for_all,
-)
+from Diffusion.Run.Processes import (batch_generator, common_seed, gather, restore_rng_states, rng_states,
+                                     seed_process, wait_for_all)
 
 
 class TrainingState:
@@ -66,18 +43,12 @@ class TrainingState:
     def state_dict(self):
         """The state of every process (each process must call this: it gathers their RNGs)."""
         rngs = gather(rng_states(self.process.device, self.generator), self.process)
-        return {
-            "format": STATE_FORMAT,
-            "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "step": self.step,
-            "skipped_steps": self.skipped_steps,
-            "seed": self.seed, "world_size": self.process.world_size, "batch_size": self.batch_size,
-            "model": self.model.state_dict(),
-            "ema": self.ema.state_dict() if self.ema else None,
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "rng": rngs,
-        }
+        return {"format": STATE_FORMAT, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
+                "step": self.step, "skipped_steps": self.skipped_steps, "seed": self.seed,
+                "world_size": self.process.world_size, "batch_size": self.batch_size,
+                "model": self.model.state_dict(), "ema": self.ema.state_dict() if self.ema else None,
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(), "rng": rngs}
 
     def load_state_dict(self, state, path):
         """Continue from `state`, read from `path`: exactly (with the same processes and
@@ -116,19 +87,18 @@ class TrainingState:
             save_atomically(state, os.path.join(folder, TRAINING_STATE))
 
 
-def begin_or_continue(state, folder, folder_key, training_load_weight, seed, overwrite):
-    """Begin a new run in `folder` (config key `folder_key`), or continue the one
+def begin_or_continue(state, folder, checkpoints_key, training_load_weight, seed, overwrite):
+    """Begin a new run in `folder` (config key `checkpoints_key`), or continue the one
     training_load_weight names there."""
     if training_load_weight is None:
-        begin_new_run(state, folder, folder_key, seed, overwrite)
+        begin_new_run(state, folder, checkpoints_key, seed, overwrite)
     else:
         continue_run(state, folder, training_load_weight, seed)
 
 
 def begin_new_run(state, folder, key, seed, overwrite):
     """A new run into `folder`, which must hold no run yet (unless `overwrite`)."""
-    # Every process looks at the folder before any of them can change it (common_seed waits
-    # for all of them).
+    # Every process looks at the folder before any can change it (common_seed waits for all of them).
     existing, leftovers = describe_run(folder), run_files(folder)
     if existing and not overwrite:
         raise ConfigError(
@@ -151,10 +121,8 @@ def run_files(folder):
 
 def describe_run(folder):
     """A few words on the run `folder` holds ("" when it holds none)."""
-    snapshots = list_checkpoints(folder)
-    parts = []
-    if snapshots:
-        parts.append(snapshots[0] if len(snapshots) == 1 else f"{snapshots[0]} .. {snapshots[-1]}")
+    names = list_checkpoints(folder)
+    parts = [names[0] if len(names) == 1 else f"{names[0]} .. {names[-1]}"] if names else []
     if os.path.isfile(os.path.join(folder, TRAINING_STATE)):
         parts.append(TRAINING_STATE)
     return ", ".join(parts)
@@ -201,9 +169,8 @@ def continue_run(state, folder, name, seed):
 def candidates(folder, name):
     """The files to try for training_load_weight `name`, best first."""
     state_path = os.path.join(folder, TRAINING_STATE)
-    if name == "last":
-        present = [TRAINING_STATE] if os.path.isfile(state_path) else []
-        return present + list(reversed(list_checkpoints(folder)))
+    if name == "last":  # the training state, then the snapshots newest first
+        return ([TRAINING_STATE] if os.path.isfile(state_path) else []) + list_checkpoints(folder)[::-1]
     epoch = epoch_of(name)
     if epoch is not None and os.path.isfile(state_path) and state_ends_epoch(state_path, epoch):
         return [TRAINING_STATE]
