@@ -41,7 +41,7 @@ from Diffusion.Run.Evaluation import PlainGrid, export, samplers_of, trained_mod
 from Diffusion.Run.Metrics import (dataset_batches, extractor_of, folder_images, reference_images,  # noqa: E402
                                    report_scores, scores_of)
 from Diffusion.Run.Processes import Process  # noqa: E402
-from Diffusion.Run.Sampling import sampler_of, save_png_atomically, starting_noise  # noqa: E402
+from Diffusion.Run.Sampling import sampler_of, save_picture, starting_noise  # noqa: E402
 from Diffusion.Train import UNCONDITIONAL, unet_of  # noqa: E402
 from DiffusionFreeGuidence.DiffusionCondition import ClassifierFreeGuidance  # noqa: E402
 from DiffusionFreeGuidence.TrainCondition import unet_of as conditional_unet_of  # noqa: E402
@@ -132,7 +132,7 @@ def write_training_images(config, folder, count, first=0):
     chosen = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(1))[first:first + count]
     os.makedirs(folder, exist_ok=True)
     for index, (image, _) in enumerate(Subset(dataset, chosen.tolist())):
-        save_png_atomically(image.float() / 127.5 - 1., os.path.join(folder, f"{index:06d}.png"))
+        save_picture(image.float() / 127.5 - 1., os.path.join(folder, f"{index:06d}.png"))
 
 
 def fid_rows(args, device):

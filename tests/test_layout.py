@@ -117,3 +117,11 @@ def test_every_name_in_the_readmes_paper_map_is_in_the_file_it_names(file, name)
         assert owner in top and member in members[owner], f"{file} has no {name}"
     else:
         assert name in top or any(name in names for names in members.values()), f"{file} has no {name}"
+
+
+def test_every_state_that_state_takes_runs_a_function():
+    """docs/code.md: a new state's name is in Keys.STATES (the words --state takes) and in
+    Scripts.STATES (the function it runs); the two list the same states."""
+    from Diffusion.Run import Keys, Scripts
+    assert set(Keys.STATES) == set(Scripts.STATES)
+    assert all(callable(state) for state in Scripts.STATES.values())

@@ -61,6 +61,7 @@ def test_eval_writes_the_process_picture_and_a_gif_of_the_grid(trained_unconditi
         last_frame = np.asarray(gif.convert("RGB")).astype(int)
     samples = pixels(tmp_path / config["sampledImgName"]).astype(int)
     assert np.abs(last_frame - samples).mean() < 8  # the samples, in the GIF's 256 colours
+    assert not list(tmp_path.glob("*.tmp"))  # each picture written under a temporary name, then renamed
 
 
 def test_process_frames_0_writes_neither(trained_unconditional, tmp_path):

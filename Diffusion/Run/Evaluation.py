@@ -182,7 +182,9 @@ def save_process(config, grid, recorders, samples):
     pictures = [to_pil_image(make_grid(to_unit_range(images.cpu()), nrow=per_row)) for images, per_row in frames]
     durations = [FRAME_MILLISECONDS] * (len(pictures) - 1) + [LAST_FRAME_MILLISECONDS]
     path = os.path.join(folder, config["sampledProcessGifName"])
-    pictures[0].save(path, save_all=True, append_images=pictures[1:], duration=durations, loop=0)
+    pictures[0].save(f"{path}.tmp", format="GIF", save_all=True, append_images=pictures[1:], duration=durations,
+                     loop=0)
+    os.replace(f"{path}.tmp", path)
     tqdm.write(f"wrote {path}")
 
 

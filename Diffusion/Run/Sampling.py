@@ -27,6 +27,7 @@ import sys
 from functools import partial
 
 import torch
+from PIL import Image
 from torch import nn
 from torchvision.utils import save_image
 from tqdm import tqdm
@@ -123,17 +124,18 @@ def as_uint8_rgb(images):
 
 
 def save_grid(images, folder, name, nrow):
-    """Images [N, 3, H, W] in [-1, 1] -> one PNG grid of `nrow` images per row."""
+    """Images [N, C, H, W] in [-1, 1] -> one picture of `nrow` images per row, in the format of its name."""
     os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, name)
-    save_image(to_unit_range(images), path, nrow=nrow)
-    tqdm.write(f"wrote {path}")
+    save_picture(images, os.path.join(folder, name), nrow)
+    tqdm.write(f"wrote {os.path.join(folder, name)}")
 
 
-def save_png_atomically(image, path):
-    """One image [3, H, W] in [-1, 1] -> a PNG file, written as path.tmp and renamed: never truncated."""
+def save_picture(images, path, nrow=8):
+    """Images [N, C, H, W] or one [C, H, W] in [-1, 1] -> the picture at path, in the format of its
+    extension, written as path.tmp and renamed: never truncated."""
     temporary = f"{path}.tmp"
-    save_image(to_unit_range(image), temporary, format="PNG")
+    image_format = Image.registered_extensions()[os.path.splitext(path)[1].lower()]
+    save_image(to_unit_range(images), temporary, nrow=nrow, format=image_format)
     os.replace(temporary, path)
 
 
@@ -174,7 +176,7 @@ def export_samples(draw, folder, num_samples, batch_size, process, seed=None, de
             images = draw(indices.start, len(indices)).cpu()
             for index, image in zip(indices, images):
                 if index in missing:
-                    save_png_atomically(image, sample_file(folder, index))
+                    save_picture(image, sample_file(folder, index))
                     written += 1
                     bar.update()
     wait_for_all(process)

@@ -14,14 +14,14 @@ import signal
 import time
 
 import torch
-from torchvision.utils import make_grid, save_image
+from torchvision.utils import make_grid
 from tqdm import tqdm
 
 from Diffusion.Run.Checkpoints import (LOG, PREVIEWS, TENSORBOARD, TRAINING_STATE,
                                        check_trained_as_configured, is_snapshot_epoch, write_run_info)
 from Diffusion.Run.Config import RunError
 from Diffusion.Run.Processes import any_process, assert_identical_weights, sum_over_processes
-from Diffusion.Run.Sampling import to_unit_range
+from Diffusion.Run.Sampling import save_picture, to_unit_range
 from Diffusion.Run.TrainingState import begin_or_continue
 
 MAX_NON_FINITE_IN_A_ROW = 50  # skipped steps in a row after which training is given up
@@ -213,11 +213,10 @@ class RunLog:
         """A grid of images [N, C, H, W] in [-1, 1]: samples/epoch_{epoch}.png, and TensorBoard."""
         if not self.enabled:
             return
-        grid = make_grid(to_unit_range(images), nrow=nrow)
         os.makedirs(os.path.join(self.folder, PREVIEWS), exist_ok=True)
-        save_image(grid, os.path.join(self.folder, PREVIEWS, f"epoch_{epoch}.png"))
+        save_picture(images, os.path.join(self.folder, PREVIEWS, f"epoch_{epoch}.png"), nrow)
         if self.tensorboard:
-            self.tensorboard.add_image("samples", grid, step)
+            self.tensorboard.add_image("samples", make_grid(to_unit_range(images), nrow=nrow), step)
 
     def close(self):
         if self.tensorboard:
