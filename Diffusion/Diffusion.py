@@ -161,23 +161,31 @@ class Sampler(nn.Module):
         step to the data, which adds no noise."""
         raise NotImplementedError
 
-    def reverse_steps(self, x_T, *condition):
+    def reverse_steps(self, x_T, *condition, start=None):
         """The reverse process, one `step` per visited timestep: yields (x_t, the x_0 predicted
-        from it, x_{t-1}) for t from the last visited timestep down to the first."""
+        from it, x_{t-1}) for t from the last visited timestep (or position `start` of
+        `timesteps`: x_T is then that step's x_t) down to the first."""
         x_t = x_T
-        for index in reversed(range(len(self.timesteps))):
+        for index in reversed(range(self.positions(start))):
             i = torch.full((x_T.shape[0],), index, dtype=torch.long, device=x_T.device)
             x_prev, x_0 = self.step(x_t, i, *condition, last=index == 0)
             yield x_t, x_0, x_prev
             x_t = x_prev
 
+    def positions(self, start=None):
+        """How many steps a run from position `start` of `timesteps` takes (None: from x_T, all)."""
+        return len(self.timesteps) if start is None else start + 1
+
     @torch.no_grad()
-    def forward(self, x_T, *condition, progress=True, on_step=None):
+    def forward(self, x_T, *condition, progress=True, on_step=None, start=None):
         """x_T [B, C, H, W] ~ N(0, I) -> x_0 [B, C, H, W], clipped to [-1, 1].
-        on_step(x_t, x_0): called at each step with x_t and the x_0 predicted from it."""
+        on_step(x_t, x_0): called at each step with x_t and the x_0 predicted from it.
+        start: begin at position `start` of `timesteps`, x_T being that step's x_t, q(x_t | x_0)
+        or an earlier run's (None: at the last)."""
         x_prev = x_T
         has_nan = torch.zeros((), dtype=torch.bool, device=x_T.device)
-        for x_t, x_0, x_prev in tqdm(self.reverse_steps(x_T, *condition), total=len(self.timesteps),
+        for x_t, x_0, x_prev in tqdm(self.reverse_steps(x_T, *condition, start=start),
+                                     total=self.positions(start),
                                      desc="sampling", disable=not progress, leave=False, dynamic_ncols=True):
             if on_step is not None:
                 on_step(x_t, x_0)
@@ -246,5 +254,9 @@ class GaussianDiffusionSampler(Sampler):
     def p_mean_variance(self, x_t, t, *condition):
         """The mean and variance of p_theta(x_{t-1} | x_t): [B, C, H, W] and [B, 1, 1, 1];
         t [B]: positions in `timesteps`."""
+        return self.p_mean_variance_and_x0(x_t, t, *condition)[:2]
+
+    def p_mean_variance_and_x0(self, x_t, t, *condition):
+        """p_mean_variance and the x_0 predicted from x_t [B, C, H, W], of one network call."""
         eps, x_0 = self.denoise(x_t, t, *condition)
-        return self.mean(x_t, t, eps, x_0), extract(self.sample_var, t, x_t.shape)
+        return self.mean(x_t, t, eps, x_0), extract(self.sample_var, t, x_t.shape), x_0

@@ -14,6 +14,9 @@ The model is reached only through p_mean_variance(x_t, t) -> (mean, var) of
 p_theta(x_{t-1} | x_t), so any sampler network can be scored (GaussianDiffusionSampler's
 p_mean_variance is one). The KLs are small numbers summed T times: all the arithmetic of the
 bound is float64, whatever the model returns.
+
+The same terms, summed from L_T down, are the rate of progressive coding (Sec. 4.3, Fig. 5):
+rate_and_distortion gives it at every step, with the distortion of the x_0 predicted there.
 """
 import math
 
@@ -97,12 +100,17 @@ def bits_per_dim(nats, dims):
     return nats / (dims * math.log(2.))
 
 
-def model_at(x_0, p_mean_variance, alphas_bar, t, noise):
-    """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) noise ~ q(x_t | x_0) (Eq. 4), in x_0's dtype for
-    the model, and the model's p_theta(x_{t-1} | x_t): (x_t, mean float64 [B, C, H, W],
-    var float64 broadcastable)."""
+def q_sample(x_0, alphas_bar, t, noise):
+    """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) noise ~ q(x_t | x_0) (Eq. 4), computed in float64,
+    in x_0's dtype for the model: x_0, noise [B, C, H, W], t long [B] (0-based)."""
     abar = at(alphas_bar, t, x_0)
-    x_t = (abar.sqrt() * x_0.double() + (1. - abar).sqrt() * noise.double()).to(x_0.dtype)
+    return (abar.sqrt() * x_0.double() + (1. - abar).sqrt() * noise.double()).to(x_0.dtype)
+
+
+def model_at(x_0, p_mean_variance, alphas_bar, t, noise):
+    """x_t ~ q(x_t | x_0) of `noise` (q_sample) and the model's p_theta(x_{t-1} | x_t):
+    (x_t, mean float64 [B, C, H, W], var float64 broadcastable)."""
+    x_t = q_sample(x_0, alphas_bar, t, noise)
     mean, var = p_mean_variance(x_t, t)
     return x_t, mean.double(), var.double()
 
@@ -155,3 +163,40 @@ def variational_bound(x_0, p_mean_variance, alphas_bar, generator=None, on_step=
     bits = {"prior": bits_per_dim(prior_kl(x_0, alphas_bar[-1]), dims),
             "diffusion": bits_per_dim(diffusion, dims), "decoder": bits_per_dim(decoder, dims)}
     return {"total": bits["prior"] + bits["diffusion"] + bits["decoder"], **bits}
+
+
+@torch.no_grad()
+def rate_and_distortion(x_0, predict, alphas_bar, generator=None, on_step=None):
+    """Progressive coding (Sec. 4.3, Fig. 5) of each image of x_0 [B, C, H, W] in [-1, 1]: after
+    T - t steps of the reverse process the receiver holds x_t, for which the sender has sent
+
+        rate(t)       = L_T + sum_{s=t}^{T-1} L_s    bits/dim (rate(0) adds L_0: the bound L)
+        distortion(t) = sqrt(||x_0 - x0_hat(x_t)||^2 / D)    RMSE on the [0, 255] scale
+
+    with x0_hat the x_0 the model predicts from x_t (the receiver's best guess; 0 at t = 0).
+    Each x_t ~ q(x_t | x_0) is drawn as variational_bound draws it, index t - 1 = 0 .. T-1 in
+    turn, its noise randn(x_0.shape) of `generator`: with the same generator both give the same
+    terms. predict(x_t, t) -> (mean, var, x_0 predicted) of p_theta(x_{t-1} | x_t), t 0-based.
+    on_step(): called after each index.
+
+    Returns float64 [T + 1, B] tensors indexed by the paper's t = 0 .. T: "rate" in bits/dim and
+    "squared_error", the mean over the D dimensions of the squared error on [0, 255]; and
+    "decoder" [B], L_0 in bits/dim (the distortion in bits: rate(0) - rate(1))."""
+    T, dims = len(alphas_bar), x_0[0].numel()
+    terms = torch.zeros(T, x_0.shape[0], dtype=torch.float64, device=x_0.device)
+    squared_error = torch.zeros(T + 1, x_0.shape[0], dtype=torch.float64, device=x_0.device)
+    for index in range(T):
+        noise = torch.randn(x_0.shape, generator=generator, dtype=x_0.dtype, device=x_0.device)
+        t = torch.full((x_0.shape[0],), index, dtype=torch.long, device=x_0.device)
+        x_t = q_sample(x_0, alphas_bar, t, noise)
+        mean, var, x0_hat = predict(x_t, t)
+        term = (decoder_nll(x_0, mean.double(), var.double()) if index == 0 else
+                diffusion_kl(x_0, x_t, t, mean.double(), var.double(), alphas_bar))
+        terms[index] = bits_per_dim(term, dims)
+        squared_error[index + 1] = (127.5 * (x0_hat.double() - x_0.double())).square().flatten(1).mean(1)
+        if on_step is not None:
+            on_step()
+    sent_after = terms.flip(0).cumsum(0).flip(0)  # [T]: sum_{s >= index} of the terms
+    prior = bits_per_dim(prior_kl(x_0, alphas_bar[-1]), dims)
+    rate = prior + torch.cat([sent_after, torch.zeros_like(sent_after[:1])])
+    return {"rate": rate, "squared_error": squared_error, "decoder": terms[0]}

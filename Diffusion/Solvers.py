@@ -274,8 +274,9 @@ class SolverSampler(Sampler):
         self.solver, self.order = solver, order
         self.solver_alphas_bar = self.alphas_bar.clone()  # not a buffer: stays on the CPU
 
-    def reverse_steps(self, x_T, *condition):
+    def reverse_steps(self, x_T, *condition, start=None):
+        """The solver from position `start` of `timesteps` (None: the last), x_T its x_t."""
         def data_prediction(x, index):
             i = torch.full((x.shape[0],), index, dtype=torch.long, device=x.device)
             return self.denoise(x, i, *condition)[1]
-        return self.solver(data_prediction, x_T, self.solver_alphas_bar, self.order)
+        return self.solver(data_prediction, x_T, self.solver_alphas_bar[:self.positions(start)], self.order)

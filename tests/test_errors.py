@@ -289,7 +289,7 @@ def test_unreachable_fashion_mnist_download_names_data_root_fashionmnist_raw(tin
     monkeypatch.setattr(torchvision.datasets.FashionMNIST, "mirrors", ["http://127.0.0.1:9/"])
     with pytest.raises(DataUnavailable) as error:
         training_dataset_of({**tiny_config, "dataset": "FashionMNIST", "data_root": str(tmp_path)})
-    assert f"put it in {tmp_path / 'FashionMNIST' / 'raw'} (or uncompressed" in str(error.value)
+    assert f"put them in {tmp_path / 'FashionMNIST' / 'raw'} (or uncompressed" in str(error.value)
     assert not (tmp_path / "FashionMNIST").exists()
 
 

@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from Diffusion.Model import check_attention_levels
+from Diffusion.Run.Keys import FIGURES
 
 
 class RunError(Exception):
@@ -162,7 +163,7 @@ def parse_command_line(script_config, keys, absent=None, argv=None, description=
 
 # The folders each state writes to: checkpoints when training, images when sampling.
 WRITTEN_FOLDER_KEYS = {"train": ("save_weight_dir", "save_dir"), "eval": ("sampled_dir", "export_dir"),
-                       "fid": ("fid_stats_dir", "export_dir"), "nll": ()}
+                       "fid": ("fid_stats_dir", "export_dir"), "nll": (), **dict.fromkeys(FIGURES, ("sampled_dir",))}
 SOLVERS = ("dpmsolver++", "unipc")
 
 
@@ -179,7 +180,8 @@ COUNTS = {"max_images": (1, "at least 1 (or None for all images)"), "num_workers
           "save_every": (1, "at least 1"), "keep_last": (1, "at least 1 (or None to keep all)"),
           "log_every": (0, "0 (never) or more"), "sample_every": (0, "0 (never) or more"),
           "fid_every": (0, "0 (never) or more epochs"), "num_samples": (0, "0 (no export) or more"),
-          "fid_samples": (2, "at least 2"), "nll_images": (1, "at least 1")}
+          "fid_samples": (2, "at least 2"), "nll_images": (1, "at least 1"), "figure_images": (1, "at least 1"),
+          "latent_samples": (1, "at least 1"), "quality_steps": (2, "at least 2"), "neighbours": (1, "at least 1")}
 
 
 def positive_counts(config):
@@ -336,5 +338,18 @@ def sampling_options(config):
                 f"folder of images.")
 
 
+def figure_steps(config):
+    """The t of the figures' states are steps of the chain: 1..T where x_t is kept, 0..T where images mix."""
+    T = config["T"]
+    for key, least in (("latent_steps", 1), ("interpolation_t", 0), ("interpolation_steps", 0)):
+        steps = config[key] if isinstance(config[key], list) else [config[key]]
+        wrong = [t for t in steps if t is not None and not least <= t <= T]
+        if wrong:
+            return f"{key} must hold steps t from {least} to T = {T} (or be None for the paper's), not {wrong}."
+    if config["state"] == "quality_over_time" and config["num_samples"] < 2:
+        return (f"state quality_over_time scores num_samples samples at each step, but num_samples is "
+                f"{config['num_samples']}: set it (the paper: 50000; on a CPU 100 shows the trend).")
+
+
 CHECKS = [finite_numbers, positive_counts, unet_shape, schedule_and_probabilities, available_device,
-          class_labels, image_names, writable_folders, noise_options, sampling_options]
+          class_labels, image_names, writable_folders, noise_options, sampling_options, figure_steps]

@@ -179,9 +179,10 @@ def torchvision_dataset(name, data_root, transform, train=True):
                                   f"intact copy there{uncompressed}.") from None
         # The last line says why: torchvision's MNIST lists each mirror it tried above it.
         reason = (str(error).strip() or type(error).__name__).splitlines()[-1]
+        them = "them" if is_mnist_family(dataset_class) else "it"
         raise DataUnavailable(f"could not load or download {name} ({reason}): on a machine that "
                               f"is online, download {download_hint(dataset_class)}, and put "
-                              f"it in {os.path.abspath(folder)}{uncompressed}; or set dataset to a "
+                              f"{them} in {os.path.abspath(folder)}{uncompressed}; or set dataset to a "
                               f"folder of images.") from None
 
 

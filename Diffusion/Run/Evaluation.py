@@ -76,7 +76,7 @@ def on_every_process(state):
     @functools.wraps(state)
     def run(config, variant):
         kept = (f": the samples exported so far are kept in {config['export_dir']}; the same command "
-                f"continues the export") if config["num_samples"] and config["state"] != "nll" else ""
+                f"continues the export") if config["num_samples"] and config["state"] in ("eval", "fid") else ""
         with torchrun_group(config["device"], if_lost=kept) as process:
             return state({**config, "device": str(process.device)}, variant, process)
     return run
@@ -294,9 +294,9 @@ def likelihood(config, variant, process):
     full_chain = {**config, "sampler": "ddpm", "sample_steps": None}  # all T steps
     results = {}
     for w, sampler in samplers_of(full_chain, variant, model):
-        sums = bound_sums(images, sampler, num_labels, config, process)
+        sums = held_out_sums(images, num_labels, config, process, bound_sums(sampler), len(TERMS) + 2, "nll")
         name = "" if w is None else f"w = {w:g}: "
-        results[name] = mean_and_error(sum_over_processes(sums, process).tolist())
+        results[name] = mean_and_error(sums.tolist())
         total, error = results[name]["total"]
         process.say(f"{name}NLL <= {total:.3f} ± {error:.3f} bits/dim (the bound of DDPM Eq. 5, mean "
                     f"and standard error over {len(images)} held-out images, {config['variance']} "
@@ -305,13 +305,25 @@ def likelihood(config, variant, process):
     return results
 
 
-def bound_sums(images, sampler, num_labels, config, process):
-    """Over this process's share of the batches: [sum of each term, sum of squared totals, images],
-    float64 [6]. Batch b's noise is seeded by (seed, b), as in the export: the same in any process."""
+def bound_sums(sampler):
+    """sums(x_0, condition, generator, on_step) -> [sum of each term of the bound, sum of squared
+    totals, images], float64 [6], of a batch x_0 with the model inputs `condition`."""
+    def sums(x_0, condition, generator, on_step):
+        bound = variational_bound(x_0, lambda x_t, t: sampler.p_mean_variance(x_t, t, *condition),
+                                  sampler.alphas_bar, generator, on_step=on_step)
+        count = torch.tensor(float(len(x_0)), dtype=torch.float64, device=x_0.device)
+        return torch.stack([bound[term].sum() for term in TERMS] + [bound["total"].square().sum(), count])
+    return sums
+
+
+def held_out_sums(images, num_labels, config, process, sums_of_batch, size, description):
+    """The sum over all batches of `images`, each process scoring its share, of sums_of_batch(x_0,
+    condition, generator, on_step) -> float64 [size], which walks the T steps calling on_step after
+    each. Batch b's noise is seeded by (seed, b), as in the export: the same in any process."""
     loader = DataLoader(images, batch_size=config["batch_size"], num_workers=config["num_workers"])
     mine = [b for b in range(len(loader)) if b % process.world_size == process.rank]
-    sums = torch.zeros(len(TERMS) + 2, dtype=torch.float64, device=process.device)
-    with tqdm(total=len(mine) * sampler.T, desc="nll", unit="step", dynamic_ncols=True,
+    total = torch.zeros(size, dtype=torch.float64, device=process.device)
+    with tqdm(total=len(mine) * config["T"], desc=description, unit="step", dynamic_ncols=True,
               disable=not process.is_main) as bar:
         for batch, (x_0, labels) in enumerate(loader):
             if batch not in mine:
@@ -319,15 +331,12 @@ def bound_sums(images, sampler, num_labels, config, process):
             x_0 = x_0.to(process.device)
             condition = () if num_labels is None else (labels.to(process.device) + 1,)
             generator = torch.Generator(process.device).manual_seed(batch_seed(config["seed"] or 0, batch))
-            bound = variational_bound(x_0, lambda x_t, t: sampler.p_mean_variance(x_t, t, *condition),
-                                      sampler.alphas_bar, generator, on_step=bar.update)
-            count = torch.tensor(float(len(x_0)), dtype=torch.float64, device=process.device)
-            sums += torch.stack([bound[term].sum() for term in TERMS] + [bound["total"].square().sum(), count])
-    return sums
+            total += sums_of_batch(x_0, condition, generator, bar.update)
+    return sum_over_processes(total, process)
 
 
 def mean_and_error(sums):
-    """{term: (mean, standard error of the mean)} from bound_sums' sums (None for the parts' errors)."""
+    """{term: (mean, standard error of the mean)} from bound_sums' sums over all images (None for the parts' errors)."""
     count, square = sums[-1], sums[-2]
     mean = {term: total / count for term, total in zip(TERMS, sums)}
     variance = max(square / count - mean["total"] ** 2, 0.) * count / max(count - 1, 1)

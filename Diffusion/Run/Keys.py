@@ -16,7 +16,11 @@ from Diffusion.Diffusion import PREDICTIONS
 from Diffusion.Model import DOWNSAMPLE_PADDINGS
 from Diffusion.Schedule import BETA_SCHEDULES
 
-STATES = ("train", "eval", "fid", "nll")
+# The states that draw the paper's figures from a checkpoint (Diffusion/Run/Figures.py, docs/paper.md).
+FIGURES = ("rate_distortion", "shared_latents", "interpolate", "coarse_to_fine", "quality_over_time",
+           "neighbours")
+
+STATES = ("train", "eval", "fid", "nll", *FIGURES)
 SAMPLERS = ("ddpm", "ddim", "dpmsolver++", "unipc")
 
 
@@ -33,7 +37,8 @@ class Key:
 
 KEYS = {
     "state": Key("train", "train a model; eval: sample image grids from a checkpoint; fid: FID "
-                          "and IS of samples; nll: bits/dim of held-out images", STATES),
+                          "and IS of samples; nll: bits/dim of held-out images; the others draw "
+                          "the paper's figures (docs/paper.md)", STATES),
     "epoch": Key(200, "passes over the training set"),
     "batch_size": Key(80, "images per training step, per process under torchrun (scale lr with "
                           "the global batch); images sampled by eval"),
@@ -132,10 +137,22 @@ KEYS = {
     "fid_every": Key(0, "epochs between FIDs of the EMA weights while training, in the run log and "
                         "TensorBoard (0: never)"),
     "fid_samples": Key(1000, "samples of each FID while training, drawn with the configured sampler"),
-    "nll_images": Key(None, "held-out images state nll scores (None: all; each takes T network "
-                            "evaluations)", kind=int),
-    "nll_dataset": Key(None, "folder of held-out images for state nll (None: the test split of "
-                             "dataset)", kind=str),
+    "nll_images": Key(None, "held-out images that nll and rate_distortion score (None: all; each "
+                            "takes T network evaluations)", kind=int),
+    "nll_dataset": Key(None, "folder of held-out images for nll, rate_distortion, interpolate and "
+                             "coarse_to_fine (None: the test split of dataset)", kind=str),
+    "figure_images": Key(4, "chains of shared_latents, image pairs of interpolate and coarse_to_fine, "
+                            "samples of neighbours"),
+    "latent_steps": Key(None, "the t at which shared_latents keeps x_t of a chain (None: T, 3T/4, T/2, "
+                              "T/4, the paper's 1000, 750, 500, 250)", kind=list[int]),
+    "latent_samples": Key(3, "samples that shared_latents draws from each kept x_t"),
+    "interpolation_t": Key(None, "the t at which interpolate mixes two images' x_t (None: T/2, the "
+                                 "paper's 500)", kind=int),
+    "interpolation_steps": Key(None, "the t of each row of coarse_to_fine (None: 0, T/4, T/2, 3T/4, "
+                                     "T)", kind=list[int]),
+    "quality_steps": Key(11, "points of the reverse process at which quality_over_time scores the "
+                             "predicted x_0 of num_samples samples"),
+    "neighbours": Key(8, "training images that neighbours shows beside each sample"),
 }
 
 # The unconditional UNet's own keys; MainCondition.py has none of them.

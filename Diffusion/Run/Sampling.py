@@ -151,16 +151,21 @@ def batch_seed(seed, batch):
 def export_samples(draw, folder, num_samples, batch_size, process, seed=None, description="export"):
     """Write images 0 .. num_samples - 1 not yet in `folder`, under a progress bar; draw(first, count)
     -> images [count, 3, H, W] in [-1, 1] of indices first .. first + count - 1 (the conditional model
-    picks each index's class). Each `process` (Processes.Process) draws its share of the batches; all
+    picks each index's class). `folder` may be a list of F folders filled together: draw then returns
+    [F, count, 3, H, W]. Each `process` (Processes.Process) draws its share of the batches; all
     return together. seed None: a new random export. Returns how many images this process wrote."""
     rank, world_size = process.rank, process.world_size
-    os.makedirs(folder, exist_ok=True)
+    several = isinstance(folder, (list, tuple))
+    folders = list(folder) if several else [folder]
+    for each in folders:
+        os.makedirs(each, exist_ok=True)
     seed = common_seed(seed, process)  # the same in every process
     batches = [range(first, min(first + batch_size, num_samples))
                for first in range(0, num_samples, batch_size)]
-    missing = {index for index in range(num_samples) if not os.path.exists(sample_file(folder, index))}
+    missing = {index for index in range(num_samples)
+               if not all(os.path.exists(sample_file(each, index)) for each in folders)}
     if missing != set(range(num_samples)) and rank == 0:
-        tqdm.write(f"{folder} already holds {num_samples - len(missing)} of the {num_samples} "
+        tqdm.write(f"{folders[0]} already holds {num_samples - len(missing)} of the {num_samples} "
                    f"samples: continuing with the {len(missing)} missing")
     mine = [(batch, indices) for batch, indices in enumerate(batches) if batch % world_size == rank]
     share = sum(len(indices) for _, indices in mine)
@@ -174,9 +179,11 @@ def export_samples(draw, folder, num_samples, batch_size, process, seed=None, de
                 continue
             torch.manual_seed(batch_seed(seed, batch))
             images = draw(indices.start, len(indices)).cpu()
-            for index, image in zip(indices, images):
+            images = images if several else images[None]
+            for position, index in enumerate(indices):
                 if index in missing:
-                    save_picture(image, sample_file(folder, index))
+                    for each, image in zip(folders, images[:, position]):
+                        save_picture(image, sample_file(each, index))
                     written += 1
                     bar.update()
     wait_for_all(process)

@@ -5,10 +5,14 @@ import sys
 
 from Diffusion.Run.Config import RunError, complete, parse_command_line
 from Diffusion.Run.Evaluation import evaluate, likelihood, score
+from Diffusion.Run.Figures import (
+    coarse_to_fine, interpolate, neighbours, quality_over_time, rate_distortion, shared_latents)
 from Diffusion.Run.TrainingRun import TrainingStopped
 from Diffusion.Train import fit
 
-STATES = {"train": fit, "eval": evaluate, "fid": score, "nll": likelihood}
+STATES = {"train": fit, "eval": evaluate, "fid": score, "nll": likelihood, "rate_distortion": rate_distortion,
+          "shared_latents": shared_latents, "interpolate": interpolate, "coarse_to_fine": coarse_to_fine,
+          "quality_over_time": quality_over_time, "neighbours": neighbours}
 
 
 def run_state(model_config, variant):
