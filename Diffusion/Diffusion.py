@@ -262,6 +262,7 @@ class GaussianDiffusionSampler(Sampler):
         eps, x_0 = self.denoise(x_t, t, *condition)
         return self.mean(x_t, t, eps, x_0), extract(self.sample_var, t, x_t.shape), x_0
 
+
 # --- What the latents x_t hold (Sec. 4.3 and 4.4) ----------------------------------------------
 # Read off a sampler over all T steps; t is the paper's: x_t for t = 1..T is the input of the
 # sampler's position t - 1, and x_0 is the image.
@@ -282,15 +283,15 @@ def encode(sampler, x_0, t, noise):
     return sampler.sqrt_alphas_bar[t - 1] * x_0 + sampler.sqrt_one_minus_alphas_bar[t - 1] * noise
 
 
-def decode(sampler, x_t, t, *condition):
+def decode(sampler, x_t, t, *condition, progress=False):
     """x_0 ~ p_theta(x_0 | x_t): the reverse process from the paper's t (x_t itself at t = 0),
     with `sampler` over all T steps. x_t [B, C, H, W] -> [B, C, H, W]."""
     if t == 0:
         return x_t
-    return sampler(x_t, *condition, start=t - 1, progress=False)
+    return sampler(x_t, *condition, start=t - 1, progress=progress)
 
 
-def interpolate(sampler, x_0, x_0_other, t, lambdas, *condition, seed=0):
+def interpolate(sampler, x_0, x_0_other, t, lambdas, *condition, seed=0, progress=False):
     """Fig. 8: the decodes of (1 - lambda) x_t + lambda x'_t for each lambda of `lambdas`, x_t and
     x'_t encoding x_0 and x_0_other [B, C, H, W] with the same noise; each decode's noise is drawn
     after torch.manual_seed(seed), the same for every lambda. Returns [len(lambdas), B, C, H, W].
@@ -300,11 +301,11 @@ def interpolate(sampler, x_0, x_0_other, t, lambdas, *condition, seed=0):
     mixes = []
     for mix in lambdas:
         torch.manual_seed(seed)
-        mixes.append(decode(sampler, (1. - mix) * x_t + mix * x_t_other, t, *condition))
+        mixes.append(decode(sampler, (1. - mix) * x_t + mix * x_t_other, t, *condition, progress=progress))
     return torch.stack(mixes)
 
 
-def shared_latent_samples(sampler, x_T, steps, count, *condition):
+def shared_latent_samples(sampler, x_T, steps, count, *condition, progress=False):
     """Fig. 7: a reverse chain from x_T [B, C, H, W], its x_t kept at each paper's t of `steps`
     (1..T), and `count` samples of p_theta(x_0 | x_t) from each. Returns (the kept x_t
     [len(steps), B, C, H, W], their samples [len(steps), count, B, C, H, W])."""
@@ -316,8 +317,9 @@ def shared_latent_samples(sampler, x_T, steps, count, *condition):
         if t in wanted:
             kept[t] = x_t
 
-    sampler(x_T, *condition, on_step=keep, progress=False)
+    sampler(x_T, *condition, on_step=keep, progress=progress)
     latents = torch.stack([kept[t] for t in steps])
-    samples = [decode(sampler, latent.repeat(count, 1, 1, 1), t, *(c.repeat(count) for c in condition))
+    samples = [decode(sampler, latent.repeat(count, 1, 1, 1), t, *(c.repeat(count) for c in condition),
+                      progress=progress)
                for t, latent in zip(steps, latents)]
     return latents, torch.stack([sample.unflatten(0, (count, x_T.shape[0])) for sample in samples])

@@ -4,6 +4,8 @@ what it wrote."""
 import csv
 import json
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -13,7 +15,7 @@ from PIL import Image
 import Main
 import MainCondition
 from benchmarks.stand_in_classifier import StandInClassifier, save_extractor
-from conftest import as_arguments, run_or_fail, run_script, write_images
+from conftest import REPO, as_arguments, run_or_fail, run_script, write_images
 from Diffusion.Diffusion import GaussianDiffusionSampler, decode, encode, interpolate, shared_latent_samples
 from Diffusion.Likelihood import rate_and_distortion, variational_bound
 from Diffusion.Model import UNet
@@ -270,3 +272,30 @@ def test_a_step_beyond_T_is_refused_at_start_up(trained_unconditional, tmp_path)
                                                                 latent_steps=[10, 11])), cwd=tmp_path)
     assert process.returncode == 2
     assert "latent_steps must hold steps t from 1 to T = 10" in process.stderr and "[11]" in process.stderr
+
+
+def test_two_processes_draw_the_figures_one_process_draws(trained_unconditional, tmp_path, extractor, held_out):
+    """rate_distortion sums each process's share of the held-out images, neighbours merges each
+    process's nearest training images: under torchrun the same numbers as in one process."""
+    for state, extra in (("rate_distortion", {"nll_dataset": str(held_out), "batch_size": 1}),
+                         ("neighbours", {"fid_extractor": extractor, "figure_images": 2, "neighbours": 3,
+                                         "batch_size": 3})):
+        found = {}
+        for processes in (1, 2):
+            config = figure_config(trained_unconditional, tmp_path, state, sampled_dir=str(tmp_path / f"{processes}"),
+                                   **extra)
+            run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                  f"--nproc_per_node={processes}", str(REPO / "Main.py"), *as_arguments(config)],
+                                 cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                                 env={"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+            assert run.returncode == 0, run.stderr[-2000:]
+            found[processes] = json.loads((tmp_path / f"{processes}" / f"{state}.json").read_text())
+        assert found[2] == pytest.approx(found[1], rel=1e-9) if state == "rate_distortion" else found[2] == found[1]
+
+
+def test_without_matplotlib_a_plotting_state_says_how_to_install_it(trained_unconditional, tmp_path, held_out,
+                                                                    monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
+    with pytest.raises(ValueError, match="matplotlib.*pip install -r requirements-optional.txt"):
+        Main.main(figure_config(trained_unconditional, tmp_path, "rate_distortion", nll_dataset=str(held_out)))
+    assert not (tmp_path / "figures").exists()  # stopped before any work

@@ -130,12 +130,13 @@ def rate_distortion(config, variant, process):
         tqdm.write(f"{'' if w is None else f'w = {w:g}: '}rate {rate[1]:.3f} bits/dim, distortion "
                    f"{results[w]['distortion_bits_per_dim']:.3f} bits/dim (RMSE {rmse[1]:.3f} on [0, 255] "
                    f"at t = 1), over {int(total[-1])} held-out images")
-        reverse_steps, label = [T - t for t in steps], "" if w is None else f"w = {w:g}"
+        chain = steps[:-1]  # the plot ends at x_1, as the paper's: L_0 is the distortion in bits
+        reverse_steps, label = [T - t for t in chain], "" if w is None else f"w = {w:g}"
         plot(plt, output_path(config, "rate_distortion", w, "png"),
-             [(reverse_steps, rmse[steps], "reverse steps (T - t)", "distortion (RMSE, 0..255)", label or "distortion"),
-              (reverse_steps, rate[steps], "reverse steps (T - t)", "rate (bits/dim)", label or "rate"),
-              (rate[steps], rmse[steps], "rate (bits/dim)", "distortion (RMSE, 0..255)", label or "rate-distortion")],
-             f"Rate and distortion, {int(total[-1])} held-out images (DDPM Fig. 5)")
+             [(reverse_steps, rmse[chain], "reverse steps (T - t)", "distortion (RMSE, 0..255)", label or "distortion"),
+              (reverse_steps, rate[chain], "reverse steps (T - t)", "rate (bits/dim)", label or "rate"),
+              (rate[chain], rmse[chain], "rate (bits/dim)", "distortion (RMSE, 0..255)", label or "rate-distortion")],
+             f"Rate and distortion, {int(total[-1])} held-out images, t = T..1 (DDPM Fig. 5)")
     return results
 
 
@@ -154,7 +155,8 @@ def shared_latents(config, variant, process):
     condition = variant.grid.for_eval(config, num_labels).export_condition(torch.arange(chains, device=process.device))
     for w, sampler in paper_samplers(config, variant, model):
         x_T = starting_noise(chains, config["img_channels"], config["img_size"], process.device)
-        latents, samples = shared_latent_samples(sampler, x_T, steps, config["latent_samples"], *condition)
+        latents, samples = shared_latent_samples(sampler, x_T, steps, config["latent_samples"], *condition,
+                                                 progress=True)
         draw_rows(config, "shared_latents", w, torch.cat([latents[:, None], samples], dim=1))
         write_json(output_path(config, "shared_latents", w, "json"), {"rows": "a row per chain and t: x_t, then "
                    "its samples", "t": steps, "chains": chains, "samples": config["latent_samples"]})
@@ -190,8 +192,8 @@ def interpolation_rows(config, variant, process, steps, name):
     condition = () if labels is None else (torch.tensor([labels[a] for a, _ in pairs], device=process.device) + 1,)
     for w, sampler in paper_samplers(config, variant, model):
         seed = config["seed"] or 0
-        mixes = torch.stack([interpolations(sampler, x_0, x_0_other, t, LAMBDAS, *condition, seed=seed)
-                             for t in tqdm(steps, desc=name, leave=False, dynamic_ncols=True)])
+        mixes = torch.stack([interpolations(sampler, x_0, x_0_other, t, LAMBDAS, *condition, seed=seed, progress=True)
+                             for t in steps])
         ends = [image.expand(len(steps), 1, *x_0.shape) for image in (x_0, x_0_other)]
         draw_rows(config, name, w, torch.cat([ends[0], mixes, ends[1]], dim=1))
         write_json(output_path(config, name, w, "json"), {"rows": "a row per pair and t: x_0, the decodes for "
@@ -304,11 +306,14 @@ def search_training_set(samples, training, extractor, config, process):
     mine = list(range(process.rank, len(training), process.world_size))
     loader = DataLoader(Subset(training, mine), batch_size=config["batch_size"], num_workers=config["num_workers"])
     device, k, seen, best = process.device, config["neighbours"], 0, {"pixels": None, "features": None}
-    queries = {"pixels": samples.flatten(1).to(device), "features": next(feature_batches([samples], extractor, device))[0]}
+
+    def spaces(images):  # uint8 [N, 3, H, W] -> the points of each space
+        return {"pixels": images.flatten(1), "features": next(feature_batches([images], extractor, device))[0]}
+    queries = spaces(samples.to(device))
     for images, _ in tqdm(loader, desc="nearest training images", leave=False, dynamic_ncols=True,
                           disable=not process.is_main):
         images, numbers = images.to(device), torch.tensor(mine[seen:seen + len(images)], device=device)
-        candidates = {"pixels": images.flatten(1), "features": next(feature_batches([images], extractor, device))[0]}
+        candidates = spaces(images)
         best = {space: closest(queries[space], candidates[space], numbers, k, best[space]) for space in best}
         seen += len(images)
     return {space: tuple(tensor.cpu() for tensor in found) for space, found in best.items()}
