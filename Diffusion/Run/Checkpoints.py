@@ -62,8 +62,9 @@ def _free_space(folder):
         return "its folder cannot be reached"
 
 
-def _write_atomically(write, path):
-    """write(temporary path), then rename it to `path` (never half written); a failure raises SaveFailed."""
+def write_atomically(write, path):
+    """write(temporary path), then rename it to `path` (never half written); a failure raises SaveFailed
+    (a full disk, say), which names the file and the space left. Every file a run writes goes through here."""
     folder = os.path.dirname(path) or "."
     temporary = f"{path}.tmp"
     try:
@@ -86,13 +87,13 @@ def save_atomically(obj, path):
             torch.save(obj, file)
             file.flush()
             os.fsync(file.fileno())
-    _write_atomically(write, path)
+    write_atomically(write, path)
 
 
 def write_run_info(folder, **entries):
     """Merge `entries` (JSON values, e.g. classes=[names]) into folder/run.json, atomically."""
     info = {**read_run_info(folder), **entries}
-    _write_atomically(lambda temporary: Path(temporary).write_text(json.dumps(info, indent=1)),
+    write_atomically(lambda temporary: Path(temporary).write_text(json.dumps(info, indent=1)),
                       os.path.join(folder, RUN_INFO))
 
 

@@ -17,7 +17,8 @@ from torchvision.utils import make_grid
 from tqdm import tqdm
 
 from Diffusion.Likelihood import variational_bound
-from Diffusion.Run.Checkpoints import check_trained_as_configured, load_into, num_labels_of, weights_to_sample
+from Diffusion.Run.Checkpoints import (
+    check_trained_as_configured, load_into, num_labels_of, weights_to_sample, write_atomically)
 from Diffusion.Run.Config import ConfigError, steps_of
 from Diffusion.Run.Data import image_folder, image_transform, is_torchvision_dataset, torchvision_dataset
 from Diffusion.Run.Metrics import extractor_of, feature_batches, fid_metric, report_scores
@@ -182,9 +183,8 @@ def save_process(config, grid, recorders, samples):
     pictures = [to_pil_image(make_grid(to_unit_range(images.cpu()), nrow=per_row)) for images, per_row in frames]
     durations = [FRAME_MILLISECONDS] * (len(pictures) - 1) + [LAST_FRAME_MILLISECONDS]
     path = os.path.join(folder, config["sampledProcessGifName"])
-    pictures[0].save(f"{path}.tmp", format="GIF", save_all=True, append_images=pictures[1:], duration=durations,
-                     loop=0)
-    os.replace(f"{path}.tmp", path)
+    write_atomically(lambda temporary: pictures[0].save(temporary, format="GIF", save_all=True, loop=0,
+                                                        append_images=pictures[1:], duration=durations), path)
     tqdm.write(f"wrote {path}")
 
 

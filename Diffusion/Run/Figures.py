@@ -13,6 +13,7 @@ held-out images take their own classes and whose samples the classes in turn.
 """
 import json
 import os
+from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, Subset
@@ -21,6 +22,7 @@ from tqdm import tqdm
 from Diffusion.Diffusion import interpolate as interpolations
 from Diffusion.Diffusion import shared_latent_samples
 from Diffusion.Likelihood import rate_and_distortion
+from Diffusion.Run.Checkpoints import write_atomically
 from Diffusion.Run.Config import ConfigError
 from Diffusion.Run.Evaluation import (
     ProcessRecorder, held_out_images, held_out_sums, on_every_process, samplers_of, trained_model)
@@ -58,24 +60,18 @@ def output_path(config, name, w, extension=""):
 
 
 def write(path, save):
-    """save(temporary path), then the file renamed to `path`: never half written."""
-    save(f"{path}.tmp")
-    os.replace(f"{path}.tmp", path)
+    """save(temporary path), renamed to `path` (Checkpoints.write_atomically), and said."""
+    write_atomically(save, path)
     tqdm.write(f"wrote {path}")
 
 
 def write_table(path, header, rows):
-    def save(temporary):
-        with open(temporary, "w") as file:
-            file.write("\n".join(",".join(map(str, row)) for row in [header, *rows]) + "\n")
-    write(path, save)
+    text = "\n".join(",".join(map(str, row)) for row in [header, *rows]) + "\n"
+    write(path, lambda temporary: Path(temporary).write_text(text))
 
 
 def write_json(path, values):
-    def save(temporary):
-        with open(temporary, "w") as file:
-            json.dump(values, file, indent=1)
-    write(path, save)
+    write(path, lambda temporary: Path(temporary).write_text(json.dumps(values, indent=1)))
 
 
 def draw_rows(config, name, w, blocks):

@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from Diffusion.DDIM import DDIMSampler
 from Diffusion.Diffusion import GaussianDiffusionSampler
+from Diffusion.Run.Checkpoints import write_atomically
 from Diffusion.Run.Config import steps_of
 from Diffusion.Run.Processes import autocast, common_seed, compiled, memory_format, wait_for_all
 from Diffusion.Schedule import betas_of, logsnr_timesteps, sampling_timesteps
@@ -132,11 +133,10 @@ def save_grid(images, folder, name, nrow):
 
 def save_picture(images, path, nrow=8):
     """Images [N, C, H, W] or one [C, H, W] in [-1, 1] -> the picture at path, in the format of its
-    extension, written as path.tmp and renamed: never truncated."""
-    temporary = f"{path}.tmp"
+    extension, written atomically."""
     image_format = Image.registered_extensions()[os.path.splitext(path)[1].lower()]
-    save_image(to_unit_range(images), temporary, nrow=nrow, format=image_format)
-    os.replace(temporary, path)
+    write_atomically(lambda temporary: save_image(to_unit_range(images), temporary, nrow=nrow, format=image_format),
+                     path)
 
 
 def sample_file(folder, index):
