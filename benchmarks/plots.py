@@ -1,15 +1,14 @@
-"""matplotlib, which draws the benchmarks' figures: an optional dependency, named when it is missing."""
+"""matplotlib for the benchmarks' figures: Diffusion/Run/Figures.py's pyplot, whose sentence on a
+missing matplotlib (how to install it) ends the script."""
 import sys
+
+from Diffusion.Run.Config import ConfigError
+from Diffusion.Run.Figures import pyplot as figures_pyplot
 
 
 def pyplot():
-    """matplotlib.pyplot drawing into files only (the Agg backend: no window, no display needed);
-    without matplotlib, the script exits with a sentence that says how to install it."""
+    """matplotlib.pyplot drawing into files only; without matplotlib, the script exits saying how to install it."""
     try:
-        import matplotlib
-    except ImportError:
-        sys.exit("the benchmarks' plots need matplotlib, which is not installed: "
-                 "pip install -r requirements-optional.txt")
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
+        return figures_pyplot()
+    except ConfigError as error:
+        sys.exit(str(error))

@@ -38,7 +38,7 @@ def pyplot():
     try:
         import matplotlib
     except ImportError:
-        raise ConfigError("this state plots with matplotlib, which is not installed: "
+        raise ConfigError("the plots need matplotlib, which is not installed: "
                           "pip install -r requirements-optional.txt") from None
     matplotlib.use("Agg")  # no display needed
     import matplotlib.pyplot as plt
@@ -76,9 +76,8 @@ def write_json(path, values):
 
 def draw_rows(config, name, w, blocks):
     """blocks [rows, columns, N, C, H, W] in [-1, 1] as one picture, a row per image of N and row."""
-    rows, columns = blocks.shape[:2]
     save_grid(blocks.permute(2, 0, 1, 3, 4, 5).flatten(0, 2), config["sampled_dir"],
-              os.path.basename(output_path(config, name, w, "png")), nrow=columns)
+              os.path.basename(output_path(config, name, w, "png")), nrow=blocks.shape[1])
 
 
 def plot(plt, path, panels, title):
