@@ -107,12 +107,12 @@ def q_sample(x_0, alphas_bar, t, noise):
     return (abar.sqrt() * x_0.double() + (1. - abar).sqrt() * noise.double()).to(x_0.dtype)
 
 
-def model_at(x_0, p_mean_variance, alphas_bar, t, noise):
-    """x_t ~ q(x_t | x_0) of `noise` (q_sample) and the model's p_theta(x_{t-1} | x_t):
-    (x_t, mean float64 [B, C, H, W], var float64 broadcastable)."""
+def model_at(x_0, predict, alphas_bar, t, noise):
+    """x_t ~ q(x_t | x_0) of `noise` (q_sample) and the model's p_theta(x_{t-1} | x_t): (x_t, mean
+    float64 [B, C, H, W], var float64 broadcastable, [the rest of what predict returned])."""
     x_t = q_sample(x_0, alphas_bar, t, noise)
-    mean, var = p_mean_variance(x_t, t)
-    return x_t, mean.double(), var.double()
+    mean, var, *rest = predict(x_t, t)
+    return x_t, mean.double(), var.double(), rest
 
 
 def diffusion_kl(x_0, x_t, t, mean, var, alphas_bar):
@@ -126,17 +126,29 @@ def decoder_nll(x_0, mean, var):
     return -per_image(discretized_gaussian_log_likelihood(x_0, mean, 0.5 * var.log()))
 
 
-def bound_term(x_0, p_mean_variance, alphas_bar, index, noise):
+def bound_term(x_0, predict, alphas_bar, index, noise):
     """The bound's term at timestep `index` for a batch, at x_t = sqrt(abar_t) x_0 +
     sqrt(1 - abar_t) noise: the decoder L_0 at index 0, the KL L_{t-1} after it.
 
-    x_0, noise [B, C, H, W]; p_mean_variance(x_t, t) -> (mean [B, C, H, W], var broadcastable)
-    of p_theta(x_{t-1} | x_t); alphas_bar float64 [T]. Returns nats per image, float64 [B]."""
+    x_0, noise [B, C, H, W]; predict(x_t, t) -> (mean [B, C, H, W], var broadcastable, ...) of
+    p_theta(x_{t-1} | x_t); alphas_bar float64 [T]. Returns (nats per image, float64 [B], [the rest
+    of what predict returned], such as the x_0 it predicts)."""
     t = torch.full((x_0.shape[0],), index, dtype=torch.long, device=x_0.device)
-    x_t, mean, var = model_at(x_0, p_mean_variance, alphas_bar, t, noise)
+    x_t, mean, var, rest = model_at(x_0, predict, alphas_bar, t, noise)
     if index == 0:  # the posterior variance is 0 there: x_0 is scored by the decoder
-        return decoder_nll(x_0, mean, var)
-    return diffusion_kl(x_0, x_t, t, mean, var, alphas_bar)
+        return decoder_nll(x_0, mean, var), rest
+    return diffusion_kl(x_0, x_t, t, mean, var, alphas_bar), rest
+
+
+def bound_terms(x_0, predict, alphas_bar, generator=None, on_step=None):
+    """Each term of the bound in turn, index t = 0, 1, .., T-1: (t, bound_term's two results), with
+    one x_t ~ q(x_t | x_0) per index and image, its noise drawn with randn(x_0.shape) from
+    `generator` (torch's global one if None). on_step(): called after each index."""
+    for index in range(len(alphas_bar)):
+        noise = torch.randn(x_0.shape, generator=generator, dtype=x_0.dtype, device=x_0.device)
+        yield (index, *bound_term(x_0, predict, alphas_bar, index, noise))
+        if on_step is not None:
+            on_step()
 
 
 @torch.no_grad()
@@ -149,17 +161,13 @@ def variational_bound(x_0, p_mean_variance, alphas_bar, generator=None, on_step=
 
     Returns float64 [B] tensors: "prior" L_T, "diffusion" sum_{t=2}^{T} L_{t-1}, "decoder" L_0
     and "total", their sum."""
-    T, dims = len(alphas_bar), x_0[0].numel()
+    dims = x_0[0].numel()
     diffusion = torch.zeros(x_0.shape[0], dtype=torch.float64, device=x_0.device)
-    for index in range(T):
-        noise = torch.randn(x_0.shape, generator=generator, dtype=x_0.dtype, device=x_0.device)
-        term = bound_term(x_0, p_mean_variance, alphas_bar, index, noise)
+    for index, term, _ in bound_terms(x_0, p_mean_variance, alphas_bar, generator, on_step):
         if index == 0:
             decoder = term
         else:
             diffusion = diffusion + term
-        if on_step is not None:
-            on_step()
     bits = {"prior": bits_per_dim(prior_kl(x_0, alphas_bar[-1]), dims),
             "diffusion": bits_per_dim(diffusion, dims), "decoder": bits_per_dim(decoder, dims)}
     return {"total": bits["prior"] + bits["diffusion"] + bits["decoder"], **bits}
@@ -174,9 +182,8 @@ def rate_and_distortion(x_0, predict, alphas_bar, generator=None, on_step=None):
         distortion(t) = sqrt(||x_0 - x0_hat(x_t)||^2 / D)    RMSE on the [0, 255] scale
 
     with x0_hat the x_0 the model predicts from x_t (the receiver's best guess; 0 at t = 0).
-    Each x_t ~ q(x_t | x_0) is drawn as variational_bound draws it, index t - 1 = 0 .. T-1 in
-    turn, its noise randn(x_0.shape) of `generator`: with the same generator both give the same
-    terms. predict(x_t, t) -> (mean, var, x_0 predicted) of p_theta(x_{t-1} | x_t), t 0-based.
+    The terms are bound_terms', as variational_bound's: with the same generator both give the
+    same terms. predict(x_t, t) -> (mean, var, x_0 predicted) of p_theta(x_{t-1} | x_t), t 0-based.
     on_step(): called after each index.
 
     Returns float64 [T + 1, B] tensors indexed by the paper's t = 0 .. T: "rate" in bits/dim and
@@ -185,17 +192,9 @@ def rate_and_distortion(x_0, predict, alphas_bar, generator=None, on_step=None):
     T, dims = len(alphas_bar), x_0[0].numel()
     terms = torch.zeros(T, x_0.shape[0], dtype=torch.float64, device=x_0.device)
     squared_error = torch.zeros(T + 1, x_0.shape[0], dtype=torch.float64, device=x_0.device)
-    for index in range(T):
-        noise = torch.randn(x_0.shape, generator=generator, dtype=x_0.dtype, device=x_0.device)
-        t = torch.full((x_0.shape[0],), index, dtype=torch.long, device=x_0.device)
-        x_t = q_sample(x_0, alphas_bar, t, noise)
-        mean, var, x0_hat = predict(x_t, t)
-        term = (decoder_nll(x_0, mean.double(), var.double()) if index == 0 else
-                diffusion_kl(x_0, x_t, t, mean.double(), var.double(), alphas_bar))
+    for index, term, (x0_hat,) in bound_terms(x_0, predict, alphas_bar, generator, on_step):
         terms[index] = bits_per_dim(term, dims)
         squared_error[index + 1] = (127.5 * (x0_hat.double() - x_0.double())).square().flatten(1).mean(1)
-        if on_step is not None:
-            on_step()
     sent_after = terms.flip(0).cumsum(0).flip(0)  # [T]: sum_{s >= index} of the terms
     prior = bits_per_dim(prior_kl(x_0, alphas_bar[-1]), dims)
     rate = prior + torch.cat([sent_after, torch.zeros_like(sent_after[:1])])

@@ -187,7 +187,7 @@ def test_variational_bound_is_the_sum_of_its_terms_one_at_a_time(tiny_sampler, i
     generator = torch.Generator().manual_seed(3)
     with torch.no_grad():
         terms = [bound_term(images, p_mean_variance_of(tiny_sampler), tiny_sampler.alphas_bar, index,
-                            torch.randn(images.shape, generator=generator))
+                            torch.randn(images.shape, generator=generator))[0]
                  for index in range(20)]
         prior = prior_kl(images, tiny_sampler.alphas_bar[-1])
     dims = 3 * 8 * 8

@@ -132,7 +132,7 @@ def save_grids_and_process(config, samplers, grid):
     """The starting noise, the samples of it (a grid per guidance weight) and the process."""
     device = torch.device(config["device"])
     x_T = starting_noise(grid.count, config["img_channels"], config["img_size"], device)
-    save_grid(x_T, config["sampled_dir"], config["sampledNoisyImgName"], grid.per_row)
+    save_grid(x_T, os.path.join(config["sampled_dir"], config["sampledNoisyImgName"]), grid.per_row)
     frames = min(config["process_frames"], steps_of(config) + 1)
     noise_seed = int(torch.randint(2 ** 62, ()))
     samples, recorders = [], []
@@ -141,7 +141,7 @@ def save_grids_and_process(config, samplers, grid):
         recorders.append(ProcessRecorder(steps_of(config), frames))
         samples.append(sampler(x_T, *grid.grid_condition(device), on_step=recorders[-1] if frames else None))
     pictures, per_row = side_by_side(samples, grid.per_row)
-    save_grid(pictures, config["sampled_dir"], config["sampledImgName"], per_row)
+    save_grid(pictures, os.path.join(config["sampled_dir"], config["sampledImgName"]), per_row)
     if frames:
         save_process(config, grid, recorders, samples)
     if grid.describe():
@@ -178,7 +178,7 @@ def save_process(config, grid, recorders, samples):
     def block(frames):  # [F, R, C, H, W] -> the R rows of F states
         return make_grid(frames.transpose(0, 1).flatten(0, 1), nrow=frames.shape[0], pad_value=-1.)
     x_t, x_0 = (torch.cat([getattr(r, part)[:, rows] for r in recorders], dim=1) for part in ("x_t", "x_0"))
-    save_grid(torch.stack([block(x_t), block(x_0)]), folder, config["sampledProcessImgName"], nrow=2)
+    save_grid(torch.stack([block(x_t), block(x_0)]), os.path.join(folder, config["sampledProcessImgName"]), nrow=2)
     frames = [side_by_side([r.x_t[frame] for r in recorders], grid.per_row) for frame in range(len(x_t))]
     pictures = [to_pil_image(make_grid(to_unit_range(images.cpu()), nrow=per_row)) for images, per_row in frames]
     durations = [FRAME_MILLISECONDS] * (len(pictures) - 1) + [LAST_FRAME_MILLISECONDS]

@@ -54,7 +54,6 @@ def paper_samplers(config, variant, model):
 
 def output_path(config, name, w, extension=""):
     """sampled_dir/{name}.{extension}, or {name}_w{w}.{extension} for guidance weight w."""
-    os.makedirs(config["sampled_dir"], exist_ok=True)
     name = f"{name}{'' if w is None else f'_w{w:g}'}"
     return os.path.join(config["sampled_dir"], f"{name}.{extension}" if extension else name)
 
@@ -76,8 +75,7 @@ def write_json(path, values):
 
 def draw_rows(config, name, w, blocks):
     """blocks [rows, columns, N, C, H, W] in [-1, 1] as one picture, a row per image of N and row."""
-    save_grid(blocks.permute(2, 0, 1, 3, 4, 5).flatten(0, 2), config["sampled_dir"],
-              os.path.basename(output_path(config, name, w, "png")), nrow=blocks.shape[1])
+    save_grid(blocks.permute(2, 0, 1, 3, 4, 5).flatten(0, 2), output_path(config, name, w, "png"), blocks.shape[1])
 
 
 def plot(plt, path, panels, title):
@@ -186,8 +184,8 @@ def interpolation_rows(config, variant, process, steps, name):
     x_0, x_0_other = (torch.stack([images[pair[side]][0] for pair in pairs]).to(process.device) for side in (0, 1))
     condition = () if labels is None else (torch.tensor([labels[a] for a, _ in pairs], device=process.device) + 1,)
     for w, sampler in paper_samplers(config, variant, model):
-        seed = config["seed"] or 0
-        mixes = torch.stack([interpolations(sampler, x_0, x_0_other, t, LAMBDAS, *condition, seed=seed, progress=True)
+        mixes = torch.stack([interpolations(sampler, x_0, x_0_other, t, LAMBDAS, *condition, seed=config["seed"] or 0,
+                                            progress=True)
                              for t in steps])
         ends = [image.expand(len(steps), 1, *x_0.shape) for image in (x_0, x_0_other)]
         draw_rows(config, name, w, torch.cat([ends[0], mixes, ends[1]], dim=1))

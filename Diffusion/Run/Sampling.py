@@ -124,11 +124,10 @@ def as_uint8_rgb(images):
     return pixels.expand(-1, 3, -1, -1) if pixels.shape[1] == 1 else pixels
 
 
-def save_grid(images, folder, name, nrow):
-    """Images [N, C, H, W] in [-1, 1] -> one picture of `nrow` images per row, in the format of its name."""
-    os.makedirs(folder, exist_ok=True)
-    save_picture(images, os.path.join(folder, name), nrow)
-    tqdm.write(f"wrote {os.path.join(folder, name)}")
+def save_grid(images, path, nrow):
+    """Images [N, C, H, W] in [-1, 1] -> one picture at path, `nrow` images per row, said."""
+    save_picture(images, path, nrow)
+    tqdm.write(f"wrote {path}")
 
 
 def save_picture(images, path, nrow=8):

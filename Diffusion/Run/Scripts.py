@@ -3,16 +3,15 @@ main()), then the state it asks for. Whatever stops a run (a config mistake, a f
 process, a stop request) is said in one sentence instead of a traceback."""
 import sys
 
+from Diffusion.Run import Figures
 from Diffusion.Run.Config import RunError, complete, parse_command_line
 from Diffusion.Run.Evaluation import evaluate, likelihood, score
-from Diffusion.Run.Figures import (
-    coarse_to_fine, interpolate, neighbours, quality_over_time, rate_distortion, shared_latents)
+from Diffusion.Run.Keys import FIGURES
 from Diffusion.Run.TrainingRun import TrainingStopped
 from Diffusion.Train import fit
 
-STATES = {"train": fit, "eval": evaluate, "fid": score, "nll": likelihood, "rate_distortion": rate_distortion,
-          "shared_latents": shared_latents, "interpolate": interpolate, "coarse_to_fine": coarse_to_fine,
-          "quality_over_time": quality_over_time, "neighbours": neighbours}
+STATES = {"train": fit, "eval": evaluate, "fid": score, "nll": likelihood,
+          **{name: getattr(Figures, name) for name in FIGURES}}  # each figure's state is named as its function
 
 
 def run_state(model_config, variant):

@@ -213,7 +213,6 @@ class RunLog:
         """A grid of images [N, C, H, W] in [-1, 1]: samples/epoch_{epoch}.png, and TensorBoard."""
         if not self.enabled:
             return
-        os.makedirs(os.path.join(self.folder, PREVIEWS), exist_ok=True)
         save_picture(images, os.path.join(self.folder, PREVIEWS, f"epoch_{epoch}.png"), nrow)
         if self.tensorboard:
             self.tensorboard.add_image("samples", make_grid(to_unit_range(images), nrow=nrow), step)
