@@ -13,7 +13,7 @@ eta = 0 is an ODE whose steps can also be run forwards, from an image to its x_T
 import torch
 from tqdm import tqdm
 
-from Diffusion.Diffusion import Sampler, alpha_and_sigma, eps_and_x0, extract
+from Diffusion.Diffusion import Sampler, alpha_and_sigma, eps_and_x0, extract, split_output
 
 
 class DDIMSampler(Sampler):
@@ -51,7 +51,8 @@ class DDIMSampler(Sampler):
             i = torch.full((x_0.shape[0],), index, dtype=torch.long, device=x_0.device)
             # x sits at abar_{tau_{i-1}}; eps and x_0 as a step down from tau_i would see them
             alpha, sigma = alpha_and_sigma(self, i, x)
-            eps, _ = eps_and_x0(self.prediction, self.model(x, self.timesteps[i], *condition), x, alpha, sigma)
+            output, _ = split_output(self.model(x, self.timesteps[i], *condition), x.shape[1])
+            eps, _ = eps_and_x0(self.prediction, output, x, alpha, sigma, extract(self.network_alphas, i, x.shape))
             x_0_predicted = (x - (1. - extract(self.alphas_bar_prev, i, x.shape)).sqrt() * eps) \
                 / extract(self.sqrt_alphas_bar_prev, i, x.shape)
             x = alpha * x_0_predicted + sigma * eps

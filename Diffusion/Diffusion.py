@@ -13,6 +13,7 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm import tqdm
 
+from Diffusion.Objectives import bound_estimate
 from Diffusion.Schedule import (  # noqa: F401 (linear_betas, sampling_timesteps: this module's before)
     betas_of,
     linear_betas,
@@ -21,7 +22,10 @@ from Diffusion.Schedule import (  # noqa: F401 (linear_betas, sampling_timesteps
 )
 
 
-PREDICTIONS = ("eps", "x0", "v")
+PREDICTIONS = ("eps", "x0", "v", "mu")
+# sigma_t^2 of p_theta(x_{t-1} | x_t): fixed (Sec. 3.2) or learned, from img_channels more outputs
+VARIANCES = ("fixedlarge", "fixedsmall", "learned", "learned_range")
+LEARNED_VARIANCES = ("learned", "learned_range")
 
 
 def extract(v, t, x_shape):
@@ -36,30 +40,79 @@ def alpha_and_sigma(diffusion, t, x):
             extract(diffusion.sqrt_one_minus_alphas_bar, t, x.shape))
 
 
-def eps_and_x0(prediction, output, x_t, alpha, sigma):
+def eps_and_x0(prediction, output, x_t, alpha, sigma, alpha_step=None):
     """The network's output [B, C, H, W] read as the `prediction` it was trained for, as
     (eps, x_0), with alpha_t, sigma_t [B, 1, 1, 1] of x_t = alpha_t x_0 + sigma_t eps. The
-    network predicts eps (the paper's), x_0, or v = alpha_t eps - sigma_t x_0 (Salimans & Ho 2022):
+    network predicts eps (the paper's), x_0, v = alpha_t eps - sigma_t x_0 (Salimans & Ho 2022),
+    or mu, the posterior mean mu~_t (Table 2's baseline), with alpha_step the one-step
+    1 - beta_t [B, 1, 1, 1] of the network's schedule at t:
 
         eps:  eps = output,                      x_0 = (x_t - sigma_t eps) / alpha_t
         x0:   x_0 = output,                      eps = (x_t - alpha_t x_0) / sigma_t
         v:    x_0 = alpha_t x_t - sigma_t v,     eps = sigma_t x_t + alpha_t v
+        mu:   eps = (x_t - sqrt(1 - beta_t) mu) sigma_t / beta_t         (Eq. 11 solved for eps)
     (v: alpha_t^2 + sigma_t^2 = 1)."""
     if prediction == "eps":
         return output, (x_t - sigma * output) / alpha
     if prediction == "x0":
         return (x_t - alpha * output) / sigma, output
+    if prediction == "mu":
+        eps = (x_t - alpha_step.sqrt() * output) * sigma / (1. - alpha_step)
+        return eps, (x_t - sigma * eps) / alpha
     return sigma * x_t + alpha * output, alpha * x_t - sigma * output
 
 
-def target_of(prediction, x_0, eps, alpha, sigma):
-    """What the network is trained to output at x_t = alpha_t x_0 + sigma_t eps: eps, x_0 or
-    v = alpha_t eps - sigma_t x_0 (Salimans & Ho 2022, Sec. 4). [B, C, H, W]."""
+def target_of(prediction, x_0, eps, alpha, sigma, alpha_step=None):
+    """What the network is trained to output at x_t = alpha_t x_0 + sigma_t eps: eps, x_0,
+    v = alpha_t eps - sigma_t x_0 (Salimans & Ho 2022, Sec. 4), or the posterior mean of
+    q(x_{t-1} | x_t, x_0) (Eqs. 7 and 10), with alpha_step = 1 - beta_t [B, 1, 1, 1]:
+
+        mu~_t = 1/sqrt(alpha_t) (x_t - beta_t / sqrt(1 - abar_t) eps)      [B, C, H, W]"""
     if prediction == "eps":
         return eps
     if prediction == "x0":
         return x_0
+    if prediction == "mu":
+        x_t = alpha * x_0 + sigma * eps
+        return (x_t - (1. - alpha_step) / sigma * eps) / alpha_step.sqrt()
     return alpha * eps - sigma * x_0
+
+
+def split_output(output, img_channels):
+    """The network's output [B, C', H, W] as (its prediction [B, img_channels, H, W], its
+    variance channels [B, img_channels, H, W], or None when it has none: a fixed variance)."""
+    prediction, *variance = output.split(img_channels, dim=1)
+    return prediction, (variance[0] if variance else None)
+
+
+def clipped_posterior_variances(betas):
+    """beta~_t = (1 - abar_{t-1}) / (1 - abar_t) beta_t (Eq. 7) [T], the first (0: x_0 is known)
+    replaced by the second, so that its log is finite: the decoder's variance."""
+    alphas_bar = torch.cumprod(1. - betas, dim=0)
+    alphas_bar_prev = F.pad(alphas_bar, [1, 0], value=1.)[:-1]
+    posterior_var = betas * (1. - alphas_bar_prev) / (1. - alphas_bar)
+    return torch.cat([posterior_var[1:2], posterior_var[1:]])
+
+
+def fixed_variances(betas, variance):
+    """sigma_t^2 [T] of a fixed variance (Sec. 3.2): beta_t ("fixedlarge") or beta~_t
+    ("fixedsmall"); the first entry, which adds no noise when sampling, the clipped beta~ for
+    both (the decoder's variance of the likelihood), as the original and the official code."""
+    clipped = clipped_posterior_variances(betas)
+    return torch.cat([clipped[:1], (betas if variance == "fixedlarge" else clipped)[1:]])
+
+
+def learned_log_variance(variance, output, log_beta, log_beta_tilde):
+    """log Sigma_theta(x_t, t) [B, C, H, W] of the network's variance channels `output`:
+    "learned", log Sigma itself (Table 2's learned diagonal Sigma); "learned_range", Improved
+    DDPM's interpolation (Nichol & Dhariwal 2021, Eq. 15) between the fixed variances,
+
+        Sigma_theta = exp(v log beta_t + (1 - v) log beta~_t),   v = output,
+
+    with log beta_t, log beta~_t (clipped) [B, 1, 1, 1]."""
+    if variance == "learned":
+        return output
+    return output * log_beta + (1. - output) * log_beta_tilde
 
 
 def min_snr_weight(prediction, snr, gamma):
@@ -77,44 +130,60 @@ def min_snr_weight(prediction, snr, gamma):
 class GaussianDiffusionTrainer(nn.Module):
     """Algorithm 1: the noise-prediction loss || eps - eps_theta(x_t, t) ||^2.
 
-    The follow-ups' options: beta_schedule "cosine" (Nichol & Dhariwal Eq. 17);
-    prediction "x0" or "v", the network trained to output x_0 or v = alpha_t eps - sigma_t x_0
-    instead of eps; loss_weight "min_snr", each image's error weighted by Min-SNR-gamma with
-    snr_gamma (Hang et al. 2023). The defaults are the paper's."""
+    The other rows of Table 2 and the follow-ups' options: prediction "mu", the network trained
+    to output the posterior mean mu~_t, or "x0" or "v" = alpha_t eps - sigma_t x_0; loss "bound",
+    the true variational bound L of Eq. 5, or "hybrid", L_simple + vlb_weight L_vlb (Improved
+    DDPM, Objectives.py); variance "learned" or "learned_range", the variance of p_theta from
+    img_channels more outputs of the network; beta_schedule "cosine" (Nichol & Dhariwal Eq. 17);
+    loss_weight "min_snr", each image's error weighted by Min-SNR-gamma with snr_gamma (Hang et
+    al. 2023). The defaults are the paper's: L_simple, eps, the linear schedule."""
 
     def __init__(self, model, beta_1, beta_T, T, beta_schedule="linear", prediction="eps",
-                 loss_weight="none", snr_gamma=5.):
+                 loss_weight="none", snr_gamma=5., loss="simple", variance="fixedlarge", vlb_weight=0.001):
         super().__init__()
         self.model = model
         self.T = T
         self.prediction, self.loss_weight, self.snr_gamma = prediction, loss_weight, snr_gamma
+        self.loss, self.vlb_weight = loss, vlb_weight
         self.register_buffer("betas", betas_of(beta_schedule, beta_1, beta_T, T))
         alphas_bar = torch.cumprod(1. - self.betas, dim=0)
+        self.register_buffer("alphas_bar", alphas_bar)
         self.register_buffer("sqrt_alphas_bar", alphas_bar.sqrt())
         self.register_buffer("sqrt_one_minus_alphas_bar", (1. - alphas_bar).sqrt())
         self.register_buffer("snr", alphas_bar / (1. - alphas_bar))
+        # p_theta(x_{t-1} | x_t) of the network's output, for the bound's terms
+        self.p_theta = GaussianDiffusionSampler(None, beta_1, beta_T, T, variance=variance,
+                                                beta_schedule=beta_schedule, prediction=prediction)
 
     def forward(self, x_0, *condition, t=None, noise=None):
-        """x_0 [B, C, H, W] in [-1, 1] -> the squared error [B, C, H, W], not reduced:
+        """x_0 [B, C, H, W] in [-1, 1] -> the loss of each element [B, C, H, W], not reduced:
+        with L_simple (Eq. 14) the squared error
 
             (eps - eps_theta(sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, t))^2
 
         at t ~ Uniform{0..T-1} [B] and eps ~ N(0, I) [B, C, H, W], drawn here unless given (the
         training run draws them so that an image gets the same ones whatever the number of
         processes). With another prediction, its target in place of eps; with min_snr, times
-        its weight. `condition` goes to the model after t (the class labels [B] of the
-        conditional model)."""
+        its weight; with loss "bound" or "hybrid", Objectives.py's. `condition` goes to the
+        model after t (the class labels [B] of the conditional model)."""
         if t is None:
             t = torch.randint(self.T, (x_0.shape[0],), device=x_0.device)
         if noise is None:
             noise = torch.randn_like(x_0)
         alpha, sigma = alpha_and_sigma(self, t, x_0)
         x_t = alpha * x_0 + sigma * noise
-        target = target_of(self.prediction, x_0, noise, alpha, sigma)
-        error = F.mse_loss(self.model(x_t, t, *condition), target, reduction="none")
+        output, variance_output = split_output(self.model(x_t, t, *condition), x_0.shape[1])
+        target = target_of(self.prediction, x_0, noise, alpha, sigma, extract(1. - self.betas, t, x_0.shape))
+        error = F.mse_loss(output, target, reduction="none")
         if self.loss_weight == "min_snr":
             error = error * min_snr_weight(self.prediction, extract(self.snr, t, x_0.shape), self.snr_gamma)
-        return error
+        if self.loss == "simple":
+            return error
+        # Improved DDPM's L_vlb sees the mean as a constant: only the variance learns from it
+        mean_output = output.detach() if self.loss == "hybrid" else output
+        mean, var, _ = self.p_theta.p_of_output(x_t, t, mean_output, variance_output)
+        bound = bound_estimate(x_0, x_t, t, mean, var, self.alphas_bar).to(error.dtype)
+        return bound if self.loss == "bound" else error + self.vlb_weight * bound
 
 
 class Sampler(nn.Module):
@@ -138,6 +207,8 @@ class Sampler(nn.Module):
         self.register_buffer("timesteps", torch.arange(T) if timesteps is None else torch.as_tensor(timesteps))
         betas = betas_of(beta_schedule, beta_1, beta_T, T)
         self.register_buffer("betas", respaced_betas(betas, self.timesteps))
+        # the network's own one-step alpha_t = 1 - beta_t at each visited t (prediction "mu")
+        self.register_buffer("network_alphas", (1. - betas)[self.timesteps])
         alphas_bar = torch.cumprod(1. - self.betas, dim=0)
         self.register_buffer("alphas_bar", alphas_bar)
         self.register_buffer("alphas_bar_prev", F.pad(alphas_bar, [1, 0], value=1.)[:-1])
@@ -148,11 +219,17 @@ class Sampler(nn.Module):
         """eps_theta(x_t, t) at t = timesteps[i] and the x_0 predicted from it, both [B, C, H, W]
         (x_0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t), Eq. 4 solved for x_0, DDIM Eq. 9);
         i [B]: positions in `timesteps`. The network's output is read as the prediction it was
-        trained for (eps_and_x0). With clip_denoised, x_0 is clipped to [-1, 1] and eps
-        is the one that the clipped x_0 implies."""
+        trained for (eps_and_x0); a learned variance's channels are not used here. With
+        clip_denoised, x_0 is clipped to [-1, 1] and eps is the one that the clipped x_0 implies."""
+        output, _ = split_output(self.model(x_t, self.timesteps[i], *condition), x_t.shape[1])
+        return self.read_prediction(x_t, i, output)
+
+    def read_prediction(self, x_t, i, output):
+        """The network's prediction `output` [B, C, H, W] at x_t and positions i [B] as (eps, x_0),
+        x_0 clipped to [-1, 1] with clip_denoised (see denoise)."""
         alpha, sigma = alpha_and_sigma(self, i, x_t)
-        output = self.model(x_t, self.timesteps[i], *condition)
-        eps, x_0 = eps_and_x0(self.prediction, output, x_t, alpha, sigma)
+        eps, x_0 = eps_and_x0(self.prediction, output, x_t, alpha, sigma,
+                              extract(self.network_alphas, i, x_t.shape))
         if not self.clip_denoised:
             return eps, x_0
         return eps_and_x0("x0", x_0.clamp(-1., 1.), x_t, alpha, sigma)
@@ -206,38 +283,37 @@ class GaussianDiffusionSampler(Sampler):
 
     with z ~ N(0, I) except at the last step. variance: sigma_t^2 = beta_t ("fixedlarge", the
     original's) or the posterior variance beta~_t = (1 - abar_{t-1}) / (1 - abar_t) beta_t
-    ("fixedsmall"), the paper's two choices (Sec. 3.2). clip_denoised: compute the mean through
-    the predicted x_0, clipped to [-1, 1], as the paper's own sampler did for its CIFAR-10 FID
-    (Eq. 7). With fewer `timesteps` than T, this is Algorithm 2 on the respaced betas
-    (Nichol & Dhariwal 2021).
+    ("fixedsmall"), the paper's two choices (Sec. 3.2); or Sigma_theta(x_t, t) of a network that
+    learned it ("learned", "learned_range": learned_log_variance). clip_denoised: compute the
+    mean through the predicted x_0, clipped to [-1, 1], as the paper's own sampler did for its
+    CIFAR-10 FID (Eq. 7). With fewer `timesteps` than T, this is Algorithm 2 on the respaced
+    betas (Nichol & Dhariwal 2021).
     """
 
     def __init__(self, model, beta_1, beta_T, T, clip_denoised=False, variance="fixedlarge",
                  timesteps=None, **diffusion):
         super().__init__(model, beta_1, beta_T, T, timesteps, clip_denoised, **diffusion)
+        self.variance = variance
         betas, alphas_bar, alphas_bar_prev = self.betas, self.alphas_bar, self.alphas_bar_prev
         alphas = 1. - betas
         self.register_buffer("coeff1", (1. / alphas).sqrt())
         self.register_buffer("coeff2", self.coeff1 * betas / (1. - alphas_bar).sqrt())
-        # Posterior q(x_{t-1} | x_t, x_0), Eqs. 6-7: its variance and the two weights of its mean.
-        posterior_var = betas * (1. - alphas_bar_prev) / (1. - alphas_bar)
+        # Posterior q(x_{t-1} | x_t, x_0), Eqs. 6-7: the two weights of its mean.
         self.register_buffer("posterior_mean_coef1", betas * alphas_bar_prev.sqrt() / (1. - alphas_bar))
         self.register_buffer("posterior_mean_coef2", (1. - alphas_bar_prev) * alphas.sqrt() / (1. - alphas_bar))
-        # The first entry adds no noise when sampling; it is the decoder's variance of the
-        # likelihood (Likelihood.py): the posterior variance of the second step for both
-        # choices, as the original's fixedlarge and the official code's fixedsmall, which keeps
-        # it above 0.
-        fixed = betas if variance == "fixedlarge" else posterior_var
-        self.register_buffer("sample_var", torch.cat([posterior_var[1:2], fixed[1:]]))
+        if variance in LEARNED_VARIANCES:  # the two ends of learned_range
+            self.register_buffer("log_betas", betas.log())
+            self.register_buffer("log_posterior_var", clipped_posterior_variances(betas).log())
+        else:  # its first entry adds no noise when sampling; the likelihood's decoder uses it
+            self.register_buffer("sample_var", fixed_variances(betas, variance))
 
     def step(self, x_t, i, *condition, last):
         """Algorithm 2, line 4: x_{t-1} = mu_theta(x_t, t) + sigma_t z with z ~ N(0, I), and z = 0
         on the `last` step (t = 1). Returns (x_{t-1}, the x_0 predicted from x_t)."""
-        eps, x_0 = self.denoise(x_t, i, *condition)
-        mean = self.mean(x_t, i, eps, x_0)
+        mean, var, x_0 = self.p_mean_variance_and_x0(x_t, i, *condition)
         if last:
             return mean, x_0
-        return mean + extract(self.sample_var, i, x_t.shape).sqrt() * torch.randn_like(x_t), x_0
+        return mean + var.sqrt() * torch.randn_like(x_t), x_0
 
     def mean(self, x_t, i, eps, x_0):
         """mu_theta(x_t, t) [B, C, H, W]: Eq. 11, or with clip_denoised the posterior mean of Eq. 7
@@ -253,14 +329,29 @@ class GaussianDiffusionSampler(Sampler):
         return extract(self.coeff1, t, x_t.shape) * x_t - extract(self.coeff2, t, x_t.shape) * eps
 
     def p_mean_variance(self, x_t, t, *condition):
-        """The mean and variance of p_theta(x_{t-1} | x_t): [B, C, H, W] and [B, 1, 1, 1];
-        t [B]: positions in `timesteps`."""
+        """The mean and variance of p_theta(x_{t-1} | x_t): [B, C, H, W] and [B, 1, 1, 1] (a learned
+        variance: [B, C, H, W]); t [B]: positions in `timesteps`."""
         return self.p_mean_variance_and_x0(x_t, t, *condition)[:2]
 
     def p_mean_variance_and_x0(self, x_t, t, *condition):
         """p_mean_variance and the x_0 predicted from x_t [B, C, H, W], of one network call."""
-        eps, x_0 = self.denoise(x_t, t, *condition)
-        return self.mean(x_t, t, eps, x_0), extract(self.sample_var, t, x_t.shape), x_0
+        output = self.model(x_t, self.timesteps[t], *condition)
+        return self.p_of_output(x_t, t, *split_output(output, x_t.shape[1]))
+
+    def p_of_output(self, x_t, i, output, variance_output=None):
+        """p_theta(x_{t-1} | x_t) of the network's prediction `output` and variance channels
+        `variance_output` (None: a fixed variance), [B, C, H, W] each, at positions i [B]: its
+        mean, its variance and the x_0 predicted (as p_mean_variance_and_x0)."""
+        eps, x_0 = self.read_prediction(x_t, i, output)
+        return self.mean(x_t, i, eps, x_0), self.sigma_squared(x_t, i, variance_output), x_0
+
+    def sigma_squared(self, x_t, i, variance_output):
+        """sigma_t^2 at positions i [B]: the fixed variance [B, 1, 1, 1], or the learned one
+        [B, C, H, W] of the network's variance channels."""
+        if self.variance not in LEARNED_VARIANCES:
+            return extract(self.sample_var, i, x_t.shape)
+        return learned_log_variance(self.variance, variance_output, extract(self.log_betas, i, x_t.shape),
+                                    extract(self.log_posterior_var, i, x_t.shape)).exp()
 
 
 # --- What the latents x_t hold (Sec. 4.3 and 4.4) ----------------------------------------------

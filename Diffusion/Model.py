@@ -195,10 +195,11 @@ class UNetBody(nn.Module):
     """
 
     def build_body(self, ch, ch_mult, num_res_blocks, res_block, downsample, upsample,
-                   attn_down, attn_up, eps=1e-5, img_channels=3):
+                   attn_down, attn_up, eps=1e-5, img_channels=3, out_channels=None):
         """res_block(in_ch, out_ch, attn) -> ResBlock; downsample(ch), upsample(ch) -> resamplers;
         attn_down, attn_up: the levels (indices into ch_mult) whose ResBlocks end in attention;
-        img_channels: of the images (3: RGB, 1: grayscale)."""
+        img_channels: of the images (3: RGB, 1: grayscale); out_channels: of the output (None:
+        img_channels; twice as many for a learned variance)."""
         self.head = nn.Conv2d(img_channels, ch, 3, padding=1)
         self.downblocks = nn.ModuleList()
         skip_chs = [ch]
@@ -228,11 +229,11 @@ class UNetBody(nn.Module):
         self.tail = nn.Sequential(
             nn.GroupNorm(32, now_ch, eps=eps),
             Swish(),
-            nn.Conv2d(now_ch, img_channels, 3, padding=1),
+            nn.Conv2d(now_ch, out_channels or img_channels, 3, padding=1),
         )
 
     def run_body(self, x, *embeddings):
-        """x [B, img_channels, H, W] and the embeddings ([B, tdim] each) -> [B, img_channels, H, W]."""
+        """x [B, img_channels, H, W] and the embeddings ([B, tdim] each) -> [B, out_channels, H, W]."""
         h = self.head(x)
         # Every down-path output (head included) is kept; each up-path ResBlock takes the
         # latest one back, concatenated to its input: the first down output pairs with the last
@@ -260,7 +261,8 @@ def check_attention_levels(attn, ch_mult):
 
 class UNet(UNetBody):
     """eps_theta(x_t, t): x_t [B, 3, H, W] in [-1, 1], t [B] in 0..T-1 -> eps [B, 3, H, W]
-    (1 channel instead of 3 with img_channels 1, for grayscale images).
+    (1 channel instead of 3 with img_channels 1, for grayscale images; out_channels 2 img_channels
+    for a learned variance: eps, then the variance's channels).
 
     ch: base channels (a multiple of 32, for GroupNorm); ch_mult: channels of each resolution
     level as multiples of ch, each level after the first halving H and W; attn: the levels with
@@ -269,7 +271,7 @@ class UNet(UNetBody):
     """
 
     def __init__(self, T, ch, ch_mult, attn, num_res_blocks, dropout,
-                 group_norm_eps=1e-5, downsample_padding="symmetric", img_channels=3):
+                 group_norm_eps=1e-5, downsample_padding="symmetric", img_channels=3, out_channels=None):
         super().__init__()
         check_attention_levels(attn, ch_mult)
         tdim = 4 * ch
@@ -280,7 +282,8 @@ class UNet(UNetBody):
                 in_ch, out_ch, tdim, dropout, with_attn, group_norm_eps),
             downsample=lambda c: DownSample(c, downsample_padding),
             upsample=UpSample,
-            attn_down=attn, attn_up=attn, eps=group_norm_eps, img_channels=img_channels)
+            attn_down=attn, attn_up=attn, eps=group_norm_eps, img_channels=img_channels,
+            out_channels=out_channels)
         self.initialize()
 
     def initialize(self):

@@ -11,8 +11,9 @@ from typing import Callable
 import torch
 from torch.optim.lr_scheduler import CosineAnnealingLR
 
-from Diffusion.Diffusion import GaussianDiffusionTrainer
+from Diffusion.Diffusion import LEARNED_VARIANCES, GaussianDiffusionTrainer
 from Diffusion.EMA import EMA
+from Diffusion.Objectives import timestep_sampler
 from Diffusion.Model import UNet
 from Diffusion.Run.Checkpoints import diffusion_of, is_snapshot_epoch, save_snapshot
 from Diffusion.Run.Config import complete
@@ -24,6 +25,7 @@ from Diffusion.Run.Processes import (
     autocast,
     compiled,
     data_parallel,
+    in_global_order,
     memory_format,
     torchrun_group,
 )
@@ -94,7 +96,8 @@ def fit(config, variant):
                                            after_scheduler=CosineAnnealingLR(optimizer, T_max=config["epoch"]))
         ema = EMA(model, config["ema_decay"]) if config["ema_decay"] > 0 else None
         scaler = torch.amp.GradScaler(device.type, enabled=config["amp"] == "fp16")
-        state = TrainingState(model, ema, optimizer, scheduler, scaler, process, config["batch_size"])
+        timesteps = timestep_sampler(config["t_sampling"], config["T"])  # t ~ Uniform, or by importance
+        state = TrainingState(model, ema, optimizer, scheduler, scaler, process, config["batch_size"], timesteps)
         run = TrainingRun(state, folder, stop, config["epoch"], config["save_state_minutes"], config["log_every"],
                           config["sample_every"], config["fid_every"], preview_of(config, variant, num_labels),
                           fid_of(config, variant, num_labels) if config["fid_every"] else None)
@@ -103,7 +106,7 @@ def fit(config, variant):
         trainer = GaussianDiffusionTrainer(
             compiled(data_parallel(model, process), config["compile"]), config["beta_1"], config["beta_T"],
             config["T"], config["beta_schedule"], config["prediction"], config["loss_weight"],
-            config["snr_gamma"]).to(device)
+            config["snr_gamma"], config["loss"], config["variance"], config["vlb_weight"]).to(device)
         # The draws of each image (its flip, label dropout, t and eps) are the same whatever the
         # number of processes (Processes.py).
         draws = GlobalBatchRandomness(state.generator, process.rank, process.world_size)
@@ -116,10 +119,14 @@ def fit(config, variant):
             for images, labels in run.batches(loader):
                 x_0 = flip_left_right_at_random(images.to(device, non_blocking=True), draws)
                 condition = condition_of(labels.to(device, non_blocking=True), draws)
-                t, noise = draws.randint(config["T"], len(x_0), device), draws.randn_like(x_0)
+                t, weights = timesteps.draw(draws, len(x_0), device)
+                noise = draws.randn_like(x_0)
                 with autocast(device, config["amp"]):
                     error = trainer(x_0.contiguous(memory_format=memory_layout), *condition, t=t, noise=noise)
-                    loss = variant.loss(error, draws.size(len(x_0)))
+                    loss = variant.loss(error * weights.view(-1, 1, 1, 1), draws.size(len(x_0)))
+                if timesteps.learns_from_terms:  # every process keeps the global batch's terms
+                    timesteps.record(in_global_order(t, process),
+                                     in_global_order(error.detach().flatten(1).mean(1), process))
                 # DistributedDataParallel averages the processes' gradients; the loss is the global batch's.
                 taken = optimizer_step(loss * process.world_size, model, optimizer, scaler, config["grad_clip"])
                 if taken and ema:
@@ -138,12 +145,18 @@ def fit(config, variant):
         run.finish()
 
 
+def output_channels(config):
+    """The network's output channels: img_channels, twice as many with a learned variance."""
+    return config["img_channels"] * (2 if config["variance"] in LEARNED_VARIANCES else 1)
+
+
 def unet_of(config, num_labels=None):
     """The UNet that config describes (the unconditional model takes no labels)."""
     return UNet(T=config["T"], ch=config["channel"], ch_mult=config["channel_mult"],
                 attn=config["attn"], num_res_blocks=config["num_res_blocks"],
                 dropout=config["dropout"], group_norm_eps=config["group_norm_eps"],
-                downsample_padding=config["downsample_padding"], img_channels=config["img_channels"])
+                downsample_padding=config["downsample_padding"], img_channels=config["img_channels"],
+                out_channels=output_channels(config))
 
 
 def no_condition(labels, draws):

@@ -11,6 +11,7 @@ from torch import nn
 
 from Diffusion import Diffusion
 from Diffusion.Diffusion import GaussianDiffusionTrainer, extract  # noqa: F401 (the original's names)
+from Diffusion.Diffusion import split_output
 
 
 class ClassifierFreeGuidance(nn.Module):
@@ -24,16 +25,19 @@ class ClassifierFreeGuidance(nn.Module):
 
     def forward(self, x_t, t, labels):
         """eps~ = (1 + w) eps_theta(x_t, t, c) - w eps_theta(x_t, t, null)   [B, C, H, W]
-        (Ho & Salimans Eq. 6).
+        (Ho & Salimans Eq. 6); a learned variance's channels (C more) are the conditional one's.
 
         Both estimates come from one forward pass over a batch of 2B, conditional half then
         null half (label 0): the same numbers as two passes, half the kernel launches."""
         if self.w == 0:
             return self.model(x_t, t, labels)
-        eps_cond, eps_null = self.model(
+        output_cond, output_null = self.model(
             torch.cat([x_t, x_t]), torch.cat([t, t]),
             torch.cat([labels, torch.zeros_like(labels)])).chunk(2)
-        return (1. + self.w) * eps_cond - self.w * eps_null
+        (eps_cond, variance_cond), (eps_null, _) = (split_output(output, x_t.shape[1])
+                                                    for output in (output_cond, output_null))
+        guided = (1. + self.w) * eps_cond - self.w * eps_null
+        return guided if variance_cond is None else torch.cat([guided, variance_cond], dim=1)
 
 
 class GaussianDiffusionSampler(Diffusion.GaussianDiffusionSampler):

@@ -74,9 +74,10 @@ class UpSample(nn.Module):
 
 class UNet(UNetBody):
     """eps_theta(x_t, t, c): x_t [B, 3, H, W], t [B] in 0..T-1, labels [B] in 0..num_labels
-    (0: null) -> eps [B, 3, H, W] (1 channel instead of 3 with img_channels 1)."""
+    (0: null) -> eps [B, 3, H, W] (1 channel instead of 3 with img_channels 1; out_channels 2
+    img_channels for a learned variance)."""
 
-    def __init__(self, T, num_labels, ch, ch_mult, num_res_blocks, dropout, img_channels=3):
+    def __init__(self, T, num_labels, ch, ch_mult, num_res_blocks, dropout, img_channels=3, out_channels=None):
         super().__init__()
         tdim = 4 * ch
         self.time_embedding = TimeEmbedding(T, ch, tdim)
@@ -85,7 +86,7 @@ class UNet(UNetBody):
             ch, ch_mult, num_res_blocks,
             res_block=lambda in_ch, out_ch, with_attn: ResBlock(in_ch, out_ch, tdim, dropout, with_attn),
             downsample=DownSample, upsample=UpSample,
-            attn_down=range(len(ch_mult)), attn_up=(), img_channels=img_channels)
+            attn_down=range(len(ch_mult)), attn_up=(), img_channels=img_channels, out_channels=out_channels)
 
     def forward(self, x, t, labels):
         return self.run_body(x, self.time_embedding(t), self.cond_embedding(labels))

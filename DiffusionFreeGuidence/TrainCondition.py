@@ -13,7 +13,7 @@ from Diffusion.Run.Config import ConfigError, complete
 from Diffusion.Run.Evaluation import evaluate, guidance_weights
 from Diffusion.Run.Keys import KEYS, Key
 from Diffusion.Run.Processes import SINGLE_PROCESS
-from Diffusion.Train import Variant, fit
+from Diffusion.Train import Variant, fit, output_channels
 from DiffusionFreeGuidence.DiffusionCondition import ClassifierFreeGuidance
 from DiffusionFreeGuidence.ModelCondition import UNet
 
@@ -43,7 +43,8 @@ def unet_of(config, num_labels):
     """The conditional UNet that config describes, for `num_labels` classes."""
     return UNet(T=config["T"], num_labels=num_labels, ch=config["channel"],
                 ch_mult=config["channel_mult"], num_res_blocks=config["num_res_blocks"],
-                dropout=config["dropout"], img_channels=config["img_channels"])
+                dropout=config["dropout"], img_channels=config["img_channels"],
+                out_channels=output_channels(config))
 
 
 def drop_labels(labels, p_uncond, mode="example", draws=SINGLE_PROCESS):

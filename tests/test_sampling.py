@@ -261,7 +261,7 @@ def test_sampler_of_passes_variance_eta_and_clipping():
     ({"sampledProcessImgName": "process"}, "sampledProcessImgName"),
     ({"state": "fid", "num_samples": 0}, "num_samples"),
     ({"sampler": "euler"}, "'sampler'"), ({"skip_type": "cubic"}, "'skip_type'"),
-    ({"variance": "learned"}, "'variance'"),
+    ({"variance": "fixedmedium"}, "'variance'"),
 ])
 def test_out_of_range_sampling_keys_are_refused_before_any_work(tiny_config, changes, says):
     with pytest.raises(ConfigError) as error:

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from Diffusion.Diffusion import LEARNED_VARIANCES
 from Diffusion.Run.Config import ConfigError, RunError
 from Diffusion.Run.Data import CIFAR10_CLASSES
 
@@ -106,8 +107,11 @@ def read_run_info(folder):
     return info if isinstance(info, dict) else {}
 
 
-# What a checkpoint's outputs mean (a v-model sampled as eps gives noise); no record: the original's.
-DIFFUSION_KEYS = {"beta_schedule": "linear", "prediction": "eps"}
+# What a checkpoint's outputs mean (a v-model sampled as eps gives noise) and how it was trained; no
+# record: the original's. A fixed variance may be sampled with either; a run continues with its loss.
+DIFFUSION_KEYS = {"beta_schedule": "linear", "prediction": "eps", "variance": "fixedlarge", "loss": "simple"}
+TRAINING_KEYS = ("loss",)
+TAIL = "tail.2.weight"  # [out_channels, channel, 3, 3]: img_channels, twice as many with a learned variance
 
 
 def diffusion_of(config):
@@ -115,17 +119,24 @@ def diffusion_of(config):
     return {key: config[key] for key in DIFFUSION_KEYS}
 
 
-def check_trained_as_configured(folder, config):
-    """Refuse a config whose beta_schedule or prediction differ from the run's in `folder` (run.json; no
-    record: the original's, linear and eps)."""
+def variance_kind(variance):
+    """What must agree between a checkpoint and its config: the learned variance, or any fixed one."""
+    return variance if variance in LEARNED_VARIANCES else "fixed"
+
+
+def check_trained_as_configured(folder, config, continuing=False):
+    """Refuse a config whose beta_schedule, prediction or kind of variance (when `continuing`: loss too)
+    differ from the run's in `folder` (run.json; no record: the original's, linear, eps, fixed, simple)."""
     recorded = read_run_info(folder)
     for key, original in DIFFUSION_KEYS.items():
         trained = recorded.get(key, original)
-        if config[key] != trained:
+        same = variance_kind(config[key]) == variance_kind(trained) if key == "variance" else config[key] == trained
+        if not same and (continuing or key not in TRAINING_KEYS):
             raise ConfigError(f"the checkpoints in {folder!r} were trained with {key} {trained!r} "
                               f"({RUN_INFO if key in recorded else 'no record: the original'}'s), but "
-                              f"the config has {key} {config[key]!r}, under which the model's outputs "
-                              f"mean something else: set --{key} {trained}.")
+                              f"the config has {key} {config[key]!r}, "
+                              f"{'and a run continues with its loss' if key == 'loss' else 'under which the model outputs mean something else'}"
+                              f": set --{key} {trained}.")
 
 
 def class_names(folder, num_labels, dataset):
@@ -253,6 +264,12 @@ def describe_mismatch(state_dict, model):
     except KeyError as missing:
         return f"it is not a checkpoint of this repo's UNet (it has no {missing})"
     wanted = unet_config_of(model.state_dict())
+    outputs, wanted_outputs = state_dict[TAIL].shape[0], model.state_dict()[TAIL].shape[0]
+    if outputs != wanted_outputs and outputs == 2 * found["img_channels"]:
+        return (f"it learned its variance ({outputs} output channels): set variance learned or "
+                f"learned_range, as it was trained")
+    if outputs != wanted_outputs and outputs == found["img_channels"]:
+        return f"it has a fixed variance ({outputs} output channels): set variance fixedlarge or fixedsmall"
     if has_class_embedding and found["num_labels"] != wanted["num_labels"]:
         return (f"it was trained on {found['num_labels']} classes, but the dataset has "
                 f"{wanted['num_labels']}: continue on a dataset of the same {found['num_labels']} "

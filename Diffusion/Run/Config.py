@@ -17,6 +17,7 @@ from typing import get_args, get_origin
 import torch
 from PIL import Image
 
+from Diffusion.Diffusion import LEARNED_VARIANCES
 from Diffusion.Model import check_attention_levels
 from Diffusion.Run.Keys import FIGURES
 
@@ -351,5 +352,28 @@ def figure_steps(config):
                 f"{config['num_samples']}: set it (the paper: 50000; on a CPU 100 shows the trend).")
 
 
+def objective(config):
+    """loss, variance, t_sampling and loss_weight that train something together (docs/objectives.md);
+    sampling reads only the variance."""
+    loss, variance = config["loss"], config["variance"]
+    if config["state"] != "train":
+        return None
+    if variance in LEARNED_VARIANCES and loss == "simple":
+        return (f"variance {variance} is learned only from the bound, but loss is simple, which has no "
+                f"variance term: use --loss hybrid (Improved DDPM) or --loss bound.")
+    if loss == "hybrid" and variance not in LEARNED_VARIANCES:
+        return (f"loss hybrid trains the mean by L_simple and only a learned variance by L_vlb, but "
+                f"variance is {variance}: use --variance learned_range, or --loss simple.")
+    if config["t_sampling"] == "importance" and loss != "bound":
+        return (f"t_sampling importance weighs the terms of the bound, the whole loss of loss bound only, "
+                f"not of loss {loss}: use --loss bound, or --t_sampling uniform.")
+    if config["loss_weight"] == "min_snr" and (loss != "simple" or config["prediction"] == "mu"):
+        return (f"loss_weight min_snr weighs L_simple's error in x_0 for eps, x0 or v, not loss {loss} "
+                f"with prediction {config['prediction']}: use --loss_weight none.")
+    if not config["vlb_weight"] > 0:
+        return f"vlb_weight must be a positive number, not {config['vlb_weight']}: Improved DDPM uses 0.001."
+
+
 CHECKS = [finite_numbers, positive_counts, unet_shape, schedule_and_probabilities, available_device,
-          class_labels, image_names, writable_folders, noise_options, sampling_options, figure_steps]
+          class_labels, image_names, writable_folders, noise_options, sampling_options, figure_steps,
+          objective]

@@ -12,8 +12,9 @@ from typing import Any
 
 import torch
 
-from Diffusion.Diffusion import PREDICTIONS
+from Diffusion.Diffusion import PREDICTIONS, VARIANCES
 from Diffusion.Model import DOWNSAMPLE_PADDINGS
+from Diffusion.Objectives import LOSSES, T_SAMPLINGS
 from Diffusion.Schedule import BETA_SCHEDULES
 
 # The states that draw the paper's figures from a checkpoint (Diffusion/Run/Figures.py, docs/paper.md).
@@ -76,8 +77,15 @@ KEYS = {
     "clip_denoised": Key(False, "clip the predicted x_0 to [-1, 1] at every sampling step"),
     "beta_schedule": Key("linear", "the noise schedule: linear beta_1 .. beta_T (the paper's) or cosine "
                                    "(Nichol & Dhariwal Eq. 17, no beta_1, beta_T)", BETA_SCHEDULES),
-    "prediction": Key("eps", "what the UNet outputs: eps (the paper's), x0, or v = sqrt(abar) eps - "
-                             "sqrt(1 - abar) x_0 (Salimans & Ho 2022)", PREDICTIONS),
+    "prediction": Key("eps", "what the UNet outputs: eps (the paper's), x0, v = sqrt(abar) eps - "
+                             "sqrt(1 - abar) x_0 (Salimans & Ho 2022), or mu, the posterior mean "
+                             "(Table 2's baseline)", PREDICTIONS),
+    "loss": Key("simple", "simple: L_simple (Eq. 14, the paper's); bound: the variational bound L "
+                          "(Eq. 5, Table 2); hybrid: L_simple + vlb_weight L_vlb (Improved DDPM), which "
+                          "trains a learned variance (docs/objectives.md)", LOSSES),
+    "vlb_weight": Key(0.001, "lambda of loss hybrid: the weight of L_vlb"),
+    "t_sampling": Key("uniform", "how training draws t: uniform (the paper's), or importance (loss bound "
+                                 "only): p_t ~ sqrt(E[L_t^2]) (Improved DDPM Sec. 3.3)", T_SAMPLINGS),
     "loss_weight": Key("none", "none: L_simple (the paper's); min_snr: each image's error weighted by "
                                "Min-SNR-gamma (Hang et al. 2023)", ("none", "min_snr")),
     "snr_gamma": Key(5., "gamma of min_snr: the SNR above which timesteps weigh no more"),
@@ -116,8 +124,11 @@ KEYS = {
                      ("uniform", "quadratic", "logSNR", "logSNR_split"), kind=str),
     "solver_order": Key(2, "order of dpmsolver++ and unipc: the x_0 of how many steps each step "
                            "uses (1: DDIM; 2, the default; 3)", (1, 2, 3)),
-    "variance": Key("fixedlarge", "sigma_t^2 of ddpm: fixedlarge beta_t (the original) or "
-                                  "fixedsmall (the posterior's)", ("fixedlarge", "fixedsmall")),
+    "variance": Key("fixedlarge", "sigma_t^2 of ddpm and of the bound: fixedlarge beta_t (the original), "
+                                  "fixedsmall (the posterior's), or learned by the UNet from img_channels "
+                                  "more outputs (trained with loss bound or hybrid): learned, log sigma_t^2 "
+                                  "itself, or learned_range, between the two (Improved DDPM); ddim and the "
+                                  "solvers use only the mean", VARIANCES),
     "process_frames": Key(10, "columns of the process picture and frames of its GIF, at most "
                               "sample_steps + 1 (0: neither)"),
     "sampledProcessImgName": Key("ProcessNoGuidenceImgs.png", "file name of the picture of the "

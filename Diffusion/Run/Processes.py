@@ -167,6 +167,16 @@ def gather(value, process):
     return values
 
 
+def in_global_order(values, process):
+    """Each process's values of its images [local_size], all processes' in the global batch's order
+    [global_size] (image i of rank r at i * world_size + r, as GlobalBatchRandomness deals them)."""
+    if not process.distributed:
+        return values
+    parts = [torch.empty_like(values) for _ in range(process.world_size)]
+    dist.all_gather(parts, values.contiguous())
+    return torch.stack(parts, 1).flatten()
+
+
 def wait_for_all(process):
     """A barrier: return when every process has come here."""
     if process.distributed:
@@ -257,6 +267,11 @@ class GlobalBatchRandomness:
     def randn_like(self, x):
         """eps ~ N(0, I) shaped like x [local_size, ...]."""
         return self._share(torch.randn, (self.size(x.shape[0]), *x.shape[1:]), device=x.device, dtype=x.dtype)
+
+    def multinomial(self, probabilities, local_size, device):
+        """t ~ `probabilities` [T] (with replacement) for each of this process's images: [local_size]."""
+        on_generator = probabilities.to(self.generator.device if self.generator is not None else "cpu")
+        return self._share(torch.multinomial, on_generator, self.size(local_size), replacement=True).to(device)
 
     def rand_one(self, device):
         """One u ~ Uniform[0, 1) shared by the whole global batch: a scalar tensor."""

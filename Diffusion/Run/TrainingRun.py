@@ -81,11 +81,12 @@ class TrainingRun:
 
     def start(self, training_load_weight, seed, overwrite, checkpoints_key, diffusion, classes, save_every,
               keep_last):
-        """Begin a new run or continue the one training_load_weight names (keeping the beta_schedule and
-        prediction it was trained with); record them, the class names and the snapshots' weights in run.json;
-        say what the run will write. diffusion: {beta_schedule, prediction}; checkpoints_key: `folder`'s key."""
+        """Begin a new run or continue the one training_load_weight names (keeping the beta_schedule,
+        prediction, variance and loss it was trained with); record them, the class names and the snapshots' weights in run.json;
+        say what the run will write. diffusion: {beta_schedule, prediction, variance, loss}; checkpoints_key:
+        `folder`'s key."""
         if training_load_weight is not None:
-            check_trained_as_configured(self.folder, diffusion)
+            check_trained_as_configured(self.folder, diffusion, continuing=True)
         begin_or_continue(self.state, self.folder, checkpoints_key, training_load_weight, seed, overwrite)
         if self.process.is_main:
             write_run_info(self.folder, snapshot_weights="ema" if self.state.ema else "raw", **diffusion,

@@ -22,8 +22,9 @@ class TrainingState:
     """The objects a run trains and where it is: `epoch` (the one being trained, 0-based),
     `step_in_epoch` (optimizer steps taken in it) and `step` (in all)."""
 
-    def __init__(self, model, ema, optimizer, scheduler, scaler, process, batch_size):
+    def __init__(self, model, ema, optimizer, scheduler, scaler, process, batch_size, timesteps=None):
         self.model, self.ema, self.optimizer = model, ema, optimizer
+        self.timesteps = timesteps  # the sampler of t, whose importance sampling learns a history
         self.scheduler, self.scaler, self.process = scheduler, scaler, process
         self.batch_size = batch_size
         self.epoch = self.step_in_epoch = self.step = 0
@@ -48,7 +49,8 @@ class TrainingState:
                 "world_size": self.process.world_size, "batch_size": self.batch_size,
                 "model": self.model.state_dict(), "ema": self.ema.state_dict() if self.ema else None,
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "scaler": self.scaler.state_dict(), "rng": rngs}
+                "scaler": self.scaler.state_dict(), "rng": rngs,
+                "timesteps": self.timesteps.state_dict() if self.timesteps else {}}
 
     def load_state_dict(self, state, path):
         """Continue from `state`, read from `path`: exactly (with the same processes and
@@ -58,6 +60,8 @@ class TrainingState:
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self._load_ema(state["ema"])
+        if self.timesteps and state.get("timesteps"):
+            self.timesteps.load_state_dict(state["timesteps"])
         self.epoch, self.step_in_epoch, self.step = state["epoch"], state["step_in_epoch"], state["step"]
         self.skipped_steps = state["skipped_steps"]
         self.seed_with(state["seed"])
