@@ -69,20 +69,31 @@ def train(recipes, run, data_root, epochs, parallel):
     """Train the recipes whose last snapshot is missing, `parallel` at a time, one thread each."""
     waiting = [recipe for recipe in recipes
                if not (folder_of(run, recipe) / "ckpt" / f"ckpt_{epochs - 1}_.pt").is_file()]
-    running = []
+    commands = {recipe: (training_command(recipe, run, data_root, epochs), folder_of(run, recipe) / "train.log")
+                for recipe in waiting}
+    for recipe, status in run_in_parallel(commands, parallel).items():
+        if status:
+            raise SystemExit(f"{recipe}: Main.py exited with {status} (its log: {commands[recipe][1]})")
+
+
+def run_in_parallel(commands, parallel, environment=None):
+    """Run {name: (command, log file)}, `parallel` at a time, each with one CPU thread (and the
+    `environment` variables). Returns {name: its exit status}."""
+    waiting, running, statuses = list(commands), [], {}
     while waiting or running:
         while waiting and len(running) < parallel:
-            recipe = waiting.pop(0)
-            command = training_command(recipe, run, data_root, epochs)
-            with open(folder_of(run, recipe) / "train.log", "a") as log:
-                running.append((recipe, subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                                                         env={**os.environ, "OMP_NUM_THREADS": "1"})))
+            name = waiting.pop(0)
+            command, log_path = commands[name]
+            with open(log_path, "a") as log:
+                running.append((name, subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                                       env={**os.environ, "OMP_NUM_THREADS": "1",
+                                                            **(environment or {})})))
         time.sleep(5)
-        for recipe, process in list(running):
+        for name, process in list(running):
             if process.poll() is not None:
-                running.remove((recipe, process))
-                if process.returncode:
-                    raise SystemExit(f"{recipe}: Main.py exited with {process.returncode}")
+                running.remove((name, process))
+                statuses[name] = process.returncode
+    return statuses
 
 
 def epoch_lines(run, recipe):

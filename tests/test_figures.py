@@ -16,7 +16,8 @@ import Main
 import MainCondition
 from benchmarks.stand_in_classifier import StandInClassifier, save_extractor
 from conftest import REPO, as_arguments, run_or_fail, run_script, write_images
-from Diffusion.Diffusion import GaussianDiffusionSampler, decode, encode, interpolate, shared_latent_samples
+from Diffusion.Diffusion import GaussianDiffusionSampler
+from Diffusion.Latents import decode, encode, interpolate, shared_latent_samples
 from Diffusion.Likelihood import rate_and_distortion, variational_bound
 from Diffusion.Model import UNet
 from Diffusion.Run.Figures import closest, image_pairs, search_training_set

@@ -286,9 +286,10 @@ def likelihood(config, variant, process):
     """State nll: the negative log-likelihood of held-out images in bits per dimension, as DDPM's Table 1
     reports it: the variational bound of Eq. 5 (Diffusion/Likelihood.py) with the network of sampling
     (EMA weights, speed options; when conditional, the guided estimate of each w with the images' own
-    classes), over all T steps with the model's fixed variance, each process scoring its share. Prints
-    and returns {name: {term: (mean, standard error)}}, a name per w ("w = 1.8: "; unconditional: ""):
-    the bound ("total") and its parts: the prior L_T, the KL terms summed ("diffusion"), the decoder L_0."""
+    classes), over all T steps with the model's variance (fixed or learned), each process scoring its
+    share. Prints and returns {name: {term: (mean, standard error)}}, a name per w ("w = 1.8: ";
+    unconditional: ""): the bound ("total") and its parts: the prior L_T, the KL terms summed
+    ("diffusion"), the decoder L_0."""
     model, num_labels = trained_model(config, variant, process.device)
     images = held_out_images(config, num_labels)
     full_chain = {**config, "sampler": "ddpm", "sample_steps": None}  # all T steps

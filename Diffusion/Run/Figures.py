@@ -19,8 +19,8 @@ import torch
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from Diffusion.Diffusion import interpolate as interpolations
-from Diffusion.Diffusion import shared_latent_samples
+from Diffusion.Latents import interpolate as interpolations
+from Diffusion.Latents import shared_latent_samples
 from Diffusion.Likelihood import rate_and_distortion
 from Diffusion.Run.Checkpoints import write_atomically
 from Diffusion.Run.Config import ConfigError

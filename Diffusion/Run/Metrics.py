@@ -142,18 +142,20 @@ def fid_metric(config, extractor):
     fid_stats_dir, or computed and written there)."""
     FrechetInceptionDistance, _ = _torchmetrics()
     path = statistics_file(config)
-    metric = FrechetInceptionDistance(feature=PrecomputedFeatures(extractor.num_features), reset_real_features=False)
+    device = torch.device(config["device"])
+    metric = FrechetInceptionDistance(feature=PrecomputedFeatures(extractor.num_features),
+                                      reset_real_features=False).to(device)
     if os.path.isfile(path):
         statistics = load_tensors(path, "cpu")
         for state in REFERENCE_STATES:
             setattr(metric, state, statistics[state])
     else:
         batches = dataset_batches(reference_images(config), config, "training set features")
-        for features, _ in feature_batches(batches, extractor, torch.device(config["device"])):
+        for features, _ in feature_batches(batches, extractor, device):
             metric.update(features, real=True)
         save_atomically({state: getattr(metric, state) for state in REFERENCE_STATES}, path)
         tqdm.write(f"wrote the training set's feature statistics to {path}")
-    return metric.to(torch.device(config["device"]))
+    return metric.to(device)
 
 
 def scores_of(batches, config, extractor):
@@ -163,7 +165,7 @@ def scores_of(batches, config, extractor):
     fid = fid_metric(config, extractor)
     with warnings.catch_warnings():  # "will save all extracted features": that is what it is for
         warnings.filterwarnings("ignore", message=".*save all extracted features", category=UserWarning)
-        inception_score = InceptionScore(feature=nn.Identity(), splits=10)
+        inception_score = InceptionScore(feature=nn.Identity(), splits=10).to(torch.device(config["device"]))
     has_logits = False
     for features, logits in feature_batches(batches, extractor, torch.device(config["device"])):
         fid.update(features, real=False)
