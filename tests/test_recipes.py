@@ -30,18 +30,19 @@ def schedule_of(betas):
 @pytest.mark.parametrize("prediction", PREDICTIONS)
 def test_eps_x0_and_v_convert_into_each_other_at_every_t(prediction, betas):
     alpha, sigma = schedule_of(betas)
+    alpha_step = (1. - betas).view(-1, 1, 1, 1)  # mu's one-step alpha_t
     generator = torch.Generator().manual_seed(0)
     x_0 = torch.rand(len(betas), 3, 4, 4, generator=generator, dtype=torch.float64) * 2 - 1
     eps = torch.randn(len(betas), 3, 4, 4, generator=generator, dtype=torch.float64)
     x_t = alpha * x_0 + sigma * eps
-    output = target_of(prediction, x_0, eps, alpha, sigma)
-    got_eps, got_x_0 = eps_and_x0(prediction, output, x_t, alpha, sigma)
+    output = target_of(prediction, x_0, eps, alpha, sigma, alpha_step)
+    got_eps, got_x_0 = eps_and_x0(prediction, output, x_t, alpha, sigma, alpha_step)
     # float64; where alpha_t or sigma_t is tiny, dividing by it magnifies rounding
     torch.testing.assert_close(got_eps, eps, rtol=0, atol=1e-6 if prediction == "x0" else 1e-9)
-    torch.testing.assert_close(got_x_0, x_0, rtol=0, atol=1e-6 if prediction == "eps" else 1e-9)
+    torch.testing.assert_close(got_x_0, x_0, rtol=0, atol=1e-6 if prediction in ("eps", "mu") else 1e-9)
     for other in PREDICTIONS:  # and back to each target
-        torch.testing.assert_close(target_of(other, got_x_0, got_eps, alpha, sigma),
-                                   target_of(other, x_0, eps, alpha, sigma), rtol=0, atol=1e-6)
+        torch.testing.assert_close(target_of(other, got_x_0, got_eps, alpha, sigma, alpha_step),
+                                   target_of(other, x_0, eps, alpha, sigma, alpha_step), rtol=0, atol=1e-6)
 
 
 def test_cosine_schedules_alphas_bar_is_eq_17():
