@@ -146,8 +146,9 @@ def fit(config, variant):
 
 
 def output_channels(config):
-    """The network's output channels: img_channels, twice as many with a learned variance."""
-    return config["img_channels"] * (2 if config["variance"] in LEARNED_VARIANCES else 1)
+    """The network's output channels: img_channels, twice as many with a learned variance (a config
+    without `variance`, such as an imported model's, has a fixed one)."""
+    return config["img_channels"] * (2 if config.get("variance") in LEARNED_VARIANCES else 1)
 
 
 def unet_of(config, num_labels=None):

@@ -233,6 +233,9 @@ def test_the_hybrid_row_trains_samples_and_refuses_other_settings_in_both_script
     assert any((tmp_path / "samples").glob("Sampled*.png"))
     with pytest.raises(ConfigError, match="trained with variance 'learned_range'.*--variance learned_range"):
         importlib.import_module(name).main({**sample, "variance": "fixedlarge"})
+    (tmp_path / "ckpt" / "run.json").unlink()  # a checkpoint copied without its record
+    with pytest.raises(ConfigError, match="it learned its variance .*: set variance learned or learned_range"):
+        importlib.import_module(name).main({**sample, "variance": "fixedlarge"})
 
 
 def test_continuing_a_run_with_another_loss_is_refused(folder_of_images, tmp_path):

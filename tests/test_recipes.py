@@ -72,10 +72,12 @@ class Oracle(nn.Module):
         super().__init__()
         self.prediction, self.x_0, self.eps = prediction, x_0, eps
         self.alphas, self.sigmas = trainer.sqrt_alphas_bar, trainer.sqrt_one_minus_alphas_bar
+        self.alpha_steps = 1. - trainer.betas  # mu's
 
     def forward(self, x_t, t):
-        alpha, sigma = (coefficients[t].float().view(-1, 1, 1, 1) for coefficients in (self.alphas, self.sigmas))
-        return target_of(self.prediction, self.x_0, self.eps, alpha, sigma)
+        alpha, sigma, alpha_step = (coefficients[t].float().view(-1, 1, 1, 1)
+                                    for coefficients in (self.alphas, self.sigmas, self.alpha_steps))
+        return target_of(self.prediction, self.x_0, self.eps, alpha, sigma, alpha_step)
 
 
 @pytest.mark.parametrize("loss_weight", ["none", "min_snr"])

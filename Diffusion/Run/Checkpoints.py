@@ -265,6 +265,8 @@ def describe_mismatch(state_dict, model):
         return f"it is not a checkpoint of this repo's UNet (it has no {missing})"
     wanted = unet_config_of(model.state_dict())
     outputs, wanted_outputs = state_dict[TAIL].shape[0], model.state_dict()[TAIL].shape[0]
+    if found["img_channels"] != wanted["img_channels"]:
+        outputs = wanted_outputs  # the image channels differ: said below
     if outputs != wanted_outputs and outputs == 2 * found["img_channels"]:
         return (f"it learned its variance ({outputs} output channels): set variance learned or "
                 f"learned_range, as it was trained")
