@@ -26,7 +26,7 @@ DATASETS = ((("cifar10",), "cifar10"), (("celebahq", "celeba"), "celebahq"), (("
 def default_out(source):
     """CheckPoints/official_ddpm_<dataset>[_ema], the dataset and EMA read off the source's path
     (CheckPoints/official_ddpm where its name says neither)."""
-    words = set(re.split(r"[^a-z0-9]+", os.path.abspath(source).lower().replace("celeba_hq", "celebahq")))
+    words = set(re.split(r"[^a-z0-9]+", os.path.normpath(source).lower().replace("celeba_hq", "celebahq")))
     dataset = next((name for spellings, name in DATASETS if words & set(spellings)), None)
     name = "official_ddpm" + (f"_{dataset}" if dataset else "") + ("_ema" if "ema" in words else "")
     return os.path.join("CheckPoints", name)

@@ -8,6 +8,7 @@ takes as well (its five halvings end at 1x1), to keep a 114M-parameter model wit
 """
 import functools
 import json
+from pathlib import Path
 
 import diffusers
 import pytest
@@ -15,6 +16,7 @@ import torch
 from conftest import run_or_fail
 from test_import_weights import as_pesser_checkpoint, relative_error
 
+import ImportWeights
 from Conversion.Import import convert, import_weights, write_imported
 from Conversion.SourceNames import options_of_diffusers_config
 from Diffusion.Train import unet_of
@@ -106,3 +108,11 @@ def test_256_pipeline_folder_imports_with_its_scheduler_and_samples_through_main
     run_or_fail("Main.py", "--config", str(config_path), "--img_size", "32", "--batch_size", "1",
                 "--device", "cpu", "--process_frames", "0", "--sampled_dir", str(samples))
     assert (samples / "SampledNoGuidenceImgs.png").is_file()
+
+
+@pytest.mark.parametrize("source, folder", [
+    ("ddpm-ema-church-256", "official_ddpm_church_ema"), ("downloads/ddpm-celebahq-256", "official_ddpm_celebahq"),
+    ("diffusion_models_converted/ema_diffusion_lsun_cat_model/model-1761000.ckpt", "official_ddpm_cat_ema"),
+    ("diffusion_cifar10_model/model-790000.ckpt", "official_ddpm_cifar10"), ("my_unet.safetensors", "official_ddpm")])
+def test_the_default_folder_is_named_after_the_dataset_and_ema_in_the_sources_name(source, folder):
+    assert ImportWeights.default_out(source) == str(Path("CheckPoints") / folder)
