@@ -17,7 +17,8 @@ from Conversion.Import import import_weights, write_imported
 from Diffusion import Train
 from Diffusion.Model import ResBlock, UNet
 from Diffusion.Run.Checkpoints import TRAINING_STATE
-from Diffusion.Run.Memory import checkpoint_blocks
+from Diffusion.Run.Memory import AccumulatedDraws, checkpoint_blocks
+from Diffusion.Run.Processes import GlobalBatchRandomness, autocast
 from DiffusionFreeGuidence import TrainCondition
 from DiffusionFreeGuidence.ModelCondition import UNet as ConditionalUNet
 
@@ -91,7 +92,8 @@ def assert_same_steps(got, expected):
 @pytest.mark.parametrize("unet", [lambda: UNet(10, 32, [1, 2], [1], 1, 0.1),
                                   lambda: ConditionalUNet(10, 3, 32, [1, 2], 1, 0.1)],
                          ids=["Main.py's UNet", "MainCondition.py's UNet"])
-def test_grad_checkpoint_gives_the_same_gradients_recomputing_each_resblock(unet):
+@pytest.mark.parametrize("amp", ["none", "bf16"])
+def test_grad_checkpoint_gives_the_same_gradients_recomputing_each_resblock(unet, amp):
     torch.manual_seed(0)
     plain = unet().train()
     checkpointed = checkpoint_blocks(unet().train())
@@ -105,10 +107,12 @@ def test_grad_checkpoint_gives_the_same_gradients_recomputing_each_resblock(unet
     gradients = []
     for model in (plain, checkpointed):
         torch.manual_seed(1)  # the same dropout masks
-        model(*inputs).square().sum().backward()
+        with autocast(torch.device("cpu"), amp):
+            loss = model(*inputs).float().square().sum()
+        loss.backward()
         gradients.append({name: p.grad for name, p in model.named_parameters() if p.requires_grad})
     blocks = sum(isinstance(block, ResBlock) for block in checkpointed.modules())
-    assert len(calls) == 2 * blocks  # each ResBlock ran again in the backward pass
+    assert len(calls) == 2 * blocks  # each ResBlock ran again in the backward pass (under autocast)
     for name, gradient in gradients[0].items():
         torch.testing.assert_close(gradients[1][name], gradient, rtol=1e-6, atol=1e-8, msg=name)
 
@@ -167,3 +171,20 @@ def test_a_new_run_starts_from_an_imported_models_weights(tmp_path, image_folder
         moved = sum((weights[k] - state_dict[k]).norm() ** 2 for k in state_dict) ** 0.5
         away = sum((fresh[k] - state_dict[k]).norm() ** 2 for k in state_dict) ** 0.5
         assert moved < 0.01 * away, part
+
+
+@pytest.mark.parametrize("world_size, accumulate", [(1, 4), (2, 2), (4, 2)])
+def test_each_image_of_a_step_gets_its_numbers_whatever_the_processes_and_micro_batches(world_size, accumulate):
+    """The draws of one process with the step's 8 images in one batch, against each process's
+    micro-batches; process `rank` holds images rank, rank + world_size, ... of the step (as
+    DistributedSampler deals them), its micro-batch m the m-th accumulate-th of those."""
+    whole = GlobalBatchRandomness(torch.Generator().manual_seed(3))
+    expected_t, expected_noise = whole.randint(1000, 8, "cpu"), whole.randn_like(torch.zeros(8, 2))
+    local = 8 // (world_size * accumulate)
+    for rank in range(world_size):
+        draws = AccumulatedDraws(torch.Generator().manual_seed(3), rank, world_size, accumulate)
+        for m, (_, last) in enumerate(draws.micro_batches([None] * accumulate)):
+            t, noise = draws.randint(1000, local, "cpu"), draws.randn_like(torch.zeros(local, 2))
+            images = [rank + world_size * j for j in range(m * local, (m + 1) * local)]
+            assert torch.equal(t, expected_t[images]) and torch.equal(noise, expected_noise[images])
+            assert last == (m == accumulate - 1) and draws.size(local) == 8
