@@ -17,6 +17,7 @@ from Conversion.Import import import_weights, write_imported
 from Diffusion import Train
 from Diffusion.Model import ResBlock, UNet
 from Diffusion.Run.Checkpoints import TRAINING_STATE
+from Diffusion.Run.Config import ConfigError
 from Diffusion.Run.Memory import AccumulatedDraws, checkpoint_blocks
 from Diffusion.Run.Processes import GlobalBatchRandomness, autocast
 from DiffusionFreeGuidence import TrainCondition
@@ -188,3 +189,10 @@ def test_each_image_of_a_step_gets_its_numbers_whatever_the_processes_and_micro_
             images = [rank + world_size * j for j in range(m * local, (m + 1) * local)]
             assert torch.equal(t, expected_t[images]) and torch.equal(noise, expected_noise[images])
             assert last == (m == accumulate - 1) and draws.size(local) == 8
+
+
+def test_a_missing_init_weights_and_accumulate_0_are_refused_at_start_up(tmp_path):
+    with pytest.raises(ConfigError, match=r"init_weights '.*none\.pt' does not exist: give the weights file"):
+        checked({**RUN, "init_weights": str(tmp_path / "none.pt")})
+    with pytest.raises(ConfigError, match=r"accumulate must be at least 1 \(1: no gradient accumulation\), not 0"):
+        checked({**RUN, "accumulate": 0})
