@@ -19,7 +19,7 @@ from Diffusion.Run.Config import complete
 from Diffusion.Run.Data import EpochSampler, flip_left_right_at_random, training_dataset, training_loader
 from Diffusion.Run.Evaluation import PlainGrid, evaluate, fid_of, preview_of
 from Diffusion.Run.Keys import KEYS, UNET_KEYS
-from Diffusion.Run.Memory import AccumulatedDraws, checkpoint_blocks, gradient_sync
+from Diffusion.Run.Memory import AccumulatedDraws, check_images_for_a_step, checkpoint_blocks, gradient_sync
 from Diffusion.Run.Processes import (
     autocast,
     compiled,
@@ -103,6 +103,7 @@ def fit(config, variant):
         if config["grad_checkpoint"]:  # after the EMA's copy of the model
             checkpoint_blocks(model)
         accumulate = config["accumulate"]
+        check_images_for_a_step(len(dataset), config["batch_size"], accumulate, process.world_size, config["dataset"])
         state = TrainingState(model, ema, optimizer, scheduler, scaler, process, config["batch_size"] * accumulate)
         run = TrainingRun(state, folder, stop, config["epoch"], config["save_state_minutes"], config["log_every"],
                           config["sample_every"], config["fid_every"], preview_of(config, variant, num_labels),

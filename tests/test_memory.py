@@ -191,6 +191,13 @@ def test_each_image_of_a_step_gets_its_numbers_whatever_the_processes_and_micro_
             assert last == (m == accumulate - 1) and draws.size(local) == 8
 
 
+def test_a_dataset_smaller_than_one_step_is_refused_before_training(images, tmp_path):
+    with pytest.raises(ConfigError, match=r"has 16 images, fewer than one optimizer step takes \(batch_size 4 x "
+                                          r"accumulate 8 x 1 process\(es\)\)"):
+        trained(images, tmp_path / "ckpt", batch_size=4, accumulate=8)
+    assert not (tmp_path / "ckpt" / TRAINING_STATE).exists()
+
+
 def test_a_missing_init_weights_and_accumulate_0_are_refused_at_start_up(tmp_path):
     with pytest.raises(ConfigError, match=r"init_weights '.*none\.pt' does not exist: give the weights file"):
         checked({**RUN, "init_weights": str(tmp_path / "none.pt")})

@@ -17,6 +17,7 @@ from functools import partial
 from torch.utils.checkpoint import checkpoint
 
 from Diffusion.Model import ResBlock
+from Diffusion.Run.Config import ConfigError
 from Diffusion.Run.Processes import GlobalBatchRandomness
 
 
@@ -29,6 +30,15 @@ def checkpoint_blocks(model):
         if isinstance(block, ResBlock):
             block.forward = partial(checkpoint, block.forward, use_reentrant=False)
     return model
+
+
+def check_images_for_a_step(images, batch_size, accumulate, world_size, dataset):
+    """Refuse, before training, a dataset of fewer `images` than one optimizer step takes."""
+    if images < batch_size * accumulate * world_size:
+        raise ConfigError(f"dataset {dataset!r} has {images} images, fewer than one optimizer step "
+                          f"takes (batch_size {batch_size} x accumulate {accumulate} x {world_size} "
+                          f"process(es)), so an epoch would take no step: lower accumulate or "
+                          f"batch_size, or add images.")
 
 
 def whole_steps(batches, accumulate):
