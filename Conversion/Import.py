@@ -1,10 +1,12 @@
-"""Importing the DDPM authors' own CIFAR-10 model (FID 3.17) into this repo's UNet.
+"""Importing the DDPM authors' released models into this repo's UNet: CIFAR-10 at 32x32 (FID
+3.17) and CelebA-HQ, LSUN church, bedroom and cat at 256x256, each with EMA and raw weights.
 
-Its TensorFlow checkpoint is public in two PyTorch forms, both read here:
+They are public in two PyTorch forms, both read here:
 
-- diffusers' `google/ddpm-cifar10-32`: a UNet2DModel folder, config.json beside
-  diffusion_pytorch_model.safetensors (or .bin);
-- pesser/pytorch_diffusion's converted checkpoint: a plain state dict in the TensorFlow code's
+- diffusers' `google/ddpm-*` (e.g. google/ddpm-cifar10-32, google/ddpm-ema-church-256): a
+  UNet2DModel folder, config.json beside diffusion_pytorch_model.safetensors (or .bin), with
+  the DDPMScheduler's scheduler_config.json beside it or in scheduler/;
+- pesser/pytorch_diffusion's converted checkpoints: a plain state dict in the TensorFlow code's
   names (down.0.block.0.conv1, mid.attn_1.q, ...).
 
 The architecture is this repo's UNet with three differences: GroupNorm epsilon 1e-6
@@ -12,23 +14,30 @@ The architecture is this repo's UNet with three differences: GroupNorm epsilon 1
 after only (downsample_padding "same"), and its time-embedding table (sin half then cos half),
 which is part of our checkpoint. Importing renames every tensor to ours: our UNet is walked block by
 block and the source's naming scheme gives the name of each module; every source tensor must be
-used exactly once. Files are read without running code from them.
+used exactly once. The architecture is read from the tensors; the image size from the folder's
+config.json, else from the released model of that architecture (RELEASED), else it must be
+given. Files are read without running code from them.
 """
 import json
 import os
+from pathlib import Path
 
+import torch
 from torch import nn
 
+from Conversion.SchedulerConfig import SCHEDULER_CONFIG, SCHEDULER_FOLDER, keys_of_scheduler_config
 from Conversion.SourceNames import (
     OFFICIAL_OPTIONS,
     architecture_of,
+    interleaved_order,
     names_of,
     official_time_table,
     options_of_diffusers_config,
     some_of,
 )
-from Diffusion.Model import AttnBlock, ResBlock, UNet
-from Diffusion.Run.Checkpoints import TIME_TABLE, load_tensors, save_atomically
+from Diffusion.Model import AttnBlock, ResBlock, UNet, sinusoidal_table
+from Diffusion.Run.Checkpoints import (DIFFUSION_KEYS, TIME_TABLE, diffusion_of, load_tensors,
+                                       save_atomically, write_atomically, write_run_info)
 from Diffusion.Run.Config import ConfigError
 
 CHECKPOINT_NAME = "ckpt_official_.pt"
@@ -37,6 +46,18 @@ CONFIG_NAME = "config.json"
 # What the weights do not say: the official schedule and the training dropout (unused by sampling).
 OFFICIAL_SCHEDULE = {"T": 1000, "beta_1": 1e-4, "beta_T": 0.02}
 OFFICIAL_DROPOUT = 0.1
+FIRST_LINEAR = "time_embedding.timembedding.1.weight"  # [4 channel, channel], after the table
+
+# The DDPM authors' released models, told apart by their architecture, and what their weights do
+# not say: the image size, the training dropout and sigma_t^2 of their own run scripts, and for
+# the 256x256 models an eval batch that samples in a few GB. CelebA-HQ and the three LSUN models
+# share one architecture.
+RELEASED = (
+    ({"channel": 128, "channel_mult": [1, 2, 2, 2], "attn": [1], "num_res_blocks": 2},
+     {"img_size": 32, "dropout": 0.1, "variance": "fixedlarge"}),
+    ({"channel": 128, "channel_mult": [1, 1, 2, 2, 4, 4], "attn": [4], "num_res_blocks": 2},
+     {"img_size": 256, "dropout": 0.0, "variance": "fixedsmall", "batch_size": 16, "nrow": 4}),
+)
 
 DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 
@@ -173,38 +194,100 @@ def read_diffusers_folder(folder):
                       f"download the weights too.")
 
 
-def convert(tensors, options=None, source="the weights", T=OFFICIAL_SCHEDULE["T"]):
+def released_settings(architecture):
+    """RELEASED's settings of the released model of `architecture` ({} for any other)."""
+    return next((settings for released, settings in RELEASED if released == architecture), {})
+
+
+def image_size(architecture, given, source):
+    """The image size: `given` (from the command line or the folder's config.json), else the
+    released model's of this architecture; checked to halve evenly at every level."""
+    size = given or released_settings(architecture).get("img_size")
+    if size is None:
+        raise ConfigError(f"{source!r} holds a UNet with {describe(architecture)}, which is none of "
+                          f"the DDPM authors' released models and has no config.json, so its image "
+                          f"size cannot be known: give it with --img_size.")
+    halvings = 2 ** (len(architecture["channel_mult"]) - 1)
+    if size % halvings:
+        raise ConfigError(f"img_size {size} is not a multiple of {halvings}, as the "
+                          f"{len(architecture['channel_mult'])} levels of {source!r} need (each "
+                          f"but the last halves it): give a multiple of {halvings}.")
+    return size
+
+
+def time_table(state_dict, T, channel, flip_sin_to_cos, freq_shift):
+    """Put the source's time-embedding table into state_dict. The table of flip_sin_to_cos false
+    and freq_shift 0 is this repo's own in another column order (what ExportWeights.py writes):
+    it becomes ours, and the first Linear's columns are reordered to match, so that an exported
+    model comes back as the same state dict."""
+    if not flip_sin_to_cos and freq_shift == 0:
+        state_dict[TIME_TABLE] = sinusoidal_table(T, channel)
+        state_dict[FIRST_LINEAR] = state_dict[FIRST_LINEAR][:, interleaved_order(channel)].contiguous()
+    else:
+        state_dict[TIME_TABLE] = official_time_table(T, channel, flip_sin_to_cos, freq_shift)
+
+
+def convert(tensors, options=None, source="the weights", T=OFFICIAL_SCHEDULE["T"], img_size=None,
+            schedule=None):
     """(state_dict, config) of this repo's UNet holding `tensors`, a state dict in diffusers' or
     pesser's names. options: group_norm_eps, downsample_padding, img_size, flip_sin_to_cos,
     freq_shift (default: the official model's). T: the diffusion steps the model was trained
-    with, the rows of the time table. The state_dict is checked by a strict load."""
+    with, the rows of the time table. img_size: overrides the options'. schedule: the keys a
+    DDPMScheduler config gave (T, betas, variance, ...). The state_dict is checked by a strict
+    load."""
     options = {**OFFICIAL_OPTIONS, **(options or {})}
     names = names_of(tensors, source)
     architecture = architecture_of(tensors, names, source)
-    model = UNet(T, architecture["channel"], architecture["channel_mult"], architecture["attn"],
-                 architecture["num_res_blocks"], OFFICIAL_DROPOUT, options["group_norm_eps"],
-                 options["downsample_padding"])
+    released = released_settings(architecture)
+    dropout = released.get("dropout", OFFICIAL_DROPOUT)
+    with torch.device("meta"):  # its names and shapes, without the seconds of initialising 114M weights
+        model = UNet(T, architecture["channel"], architecture["channel_mult"], architecture["attn"],
+                     architecture["num_res_blocks"], dropout, options["group_norm_eps"],
+                     options["downsample_padding"])
     state_dict = renamed(tensors, model, names, architecture, source)
-    state_dict[TIME_TABLE] = official_time_table(T, architecture["channel"],
-                                                options["flip_sin_to_cos"], options["freq_shift"])
-    model.load_state_dict(state_dict, strict=True)
+    time_table(state_dict, T, architecture["channel"], options["flip_sin_to_cos"], options["freq_shift"])
+    model.load_state_dict(state_dict, strict=True, assign=True)  # checks every key and shape
+    size = image_size(architecture, img_size or options["img_size"], source)
+    eval_batch = {key: released[key] for key in ("batch_size", "nrow") if key in released}
     config = {"state": "eval", **OFFICIAL_SCHEDULE, "T": T, **architecture,
-              "dropout": OFFICIAL_DROPOUT, "img_size": options["img_size"], "img_channels": 3,
+              "dropout": dropout, "img_size": size, "img_channels": 3,
               "group_norm_eps": options["group_norm_eps"],
-              "downsample_padding": options["downsample_padding"], "clip_denoised": True}
+              "downsample_padding": options["downsample_padding"], "clip_denoised": True,
+              "variance": released.get("variance", "fixedlarge"), **eval_batch, **(schedule or {})}
     return state_dict, config
 
 
-def import_weights(source, T=OFFICIAL_SCHEDULE["T"]):
-    """(state_dict, config) of this repo's UNet from `source`: a diffusers UNet2DModel folder,
-    or a weights file in diffusers' or pesser's names (assumed to have the official model's
-    options, since a bare file does not say). T: as in `convert`."""
-    if T < 1:
+def read_scheduler(folder):
+    """This repo's schedule keys from the DDPMScheduler config.json beside a UNet2DModel folder
+    (folder/scheduler_config.json, or a pipeline's scheduler/); {} where there is none."""
+    parent = os.path.dirname(os.path.abspath(folder))
+    for path in (os.path.join(folder, SCHEDULER_CONFIG), os.path.join(folder, SCHEDULER_FOLDER, SCHEDULER_CONFIG),
+                 os.path.join(parent, SCHEDULER_FOLDER, SCHEDULER_CONFIG)):
+        if os.path.isfile(path):
+            try:
+                with open(path) as file:
+                    return keys_of_scheduler_config(json.load(file), path)
+            except (OSError, json.JSONDecodeError) as error:
+                raise ConfigError(f"cannot read {path}: {error}.") from None
+    return {}
+
+
+def import_weights(source, T=None, img_size=None):
+    """(state_dict, config) of this repo's UNet from `source`: a diffusers UNet2DModel folder
+    (with its scheduler's settings where it has them), or a weights file in diffusers' or
+    pesser's names (assumed to have the official model's options, since a bare file does not
+    say). T: as in `convert` (None: the scheduler's, else 1000). img_size: as in `convert`."""
+    if T is not None and T < 1:
         raise ConfigError(f"T is the number of diffusion steps, at least 1, not {T}.")
+    if img_size is not None and img_size < 1:
+        raise ConfigError(f"img_size is the images' height and width in pixels, not {img_size}.")
     if os.path.isdir(source):
         tensors, options = read_diffusers_folder(source)
-        return convert(tensors, options, source, T)
-    return convert(read_tensors(source), source=source, T=T)
+        schedule = read_scheduler(_diffusers_model_folder(source))
+        if T is not None:
+            schedule["T"] = T
+        return convert(tensors, options, source, schedule.get("T", OFFICIAL_SCHEDULE["T"]), img_size, schedule)
+    return convert(read_tensors(source), source=source, T=T or OFFICIAL_SCHEDULE["T"], img_size=img_size)
 
 
 def write_imported(state_dict, config, folder):
@@ -213,8 +296,8 @@ def write_imported(state_dict, config, folder):
     checkpoint = os.path.join(folder, CHECKPOINT_NAME)
     save_atomically(state_dict, checkpoint)
     config_path = os.path.join(folder, CONFIG_NAME)
-    with open(config_path, "w") as file:
-        json.dump({**config, "save_weight_dir": folder, "test_load_weight": CHECKPOINT_NAME},
-                  file, indent=2)
-        file.write("\n")
+    text = json.dumps({**config, "save_weight_dir": folder, "test_load_weight": CHECKPOINT_NAME}, indent=2)
+    write_atomically(lambda temporary: Path(temporary).write_text(text + "\n"), config_path)
+    # What the outputs mean (beta_schedule, prediction), which eval checks against its config.
+    write_run_info(folder, **diffusion_of({**DIFFUSION_KEYS, **config}))
     return checkpoint, config_path

@@ -1,4 +1,4 @@
-"""The official DDPM CIFAR-10 model as its PyTorch forms describe it: the names of its modules and
+"""The official DDPM models as their PyTorch forms describe them: the names of its modules and
 what its tensors and diffusers' config.json say about it.
 
 Its two naming schemes, diffusers' UNet2DModel and pesser/pytorch_diffusion's (the TensorFlow
@@ -14,9 +14,9 @@ import torch
 
 from Diffusion.Run.Config import ConfigError
 
-# The options of the official model, which a bare weights file is assumed to have since the
-# weights do not say.
-OFFICIAL_OPTIONS = {"group_norm_eps": 1e-6, "downsample_padding": "same", "img_size": 32,
+# The options of the official models, which a bare weights file is assumed to have since the
+# weights do not say; its image size (None) is the released model's of its architecture.
+OFFICIAL_OPTIONS = {"group_norm_eps": 1e-6, "downsample_padding": "same", "img_size": None,
                     "flip_sin_to_cos": False, "freq_shift": 1}
 
 
@@ -33,6 +33,15 @@ def official_time_table(T, dim, flip_sin_to_cos=False, freq_shift=1):
     angles = torch.arange(T).float()[:, None] * torch.exp(exponent)[None, :]
     table = torch.cat([angles.sin(), angles.cos()], dim=1)
     return torch.cat([table[:, half:], table[:, :half]], dim=1) if flip_sin_to_cos else table
+
+
+def interleaved_order(dim):
+    """[dim]: column j of this repo's interleaved table (Model.sinusoidal_table: sin w_0, cos w_0,
+    sin w_1, ...) is column order[j] of diffusers' table of the same frequencies, sines then
+    cosines (flip_sin_to_cos false, freq_shift 0). The first Linear after the table takes its
+    input columns in the same order: W_ours = W_diffusers[:, order]."""
+    half = dim // 2
+    return torch.stack([torch.arange(half), half + torch.arange(half)], dim=1).flatten()
 
 
 class SourceNames:
@@ -245,6 +254,6 @@ def options_of_diffusers_config(config, source):
         sample_size = sample_size[0]
     return {"group_norm_eps": _setting(config, "norm_eps"),
             "downsample_padding": "same" if padding == 0 else "symmetric",
-            "img_size": sample_size or OFFICIAL_OPTIONS["img_size"],
+            "img_size": sample_size,
             "flip_sin_to_cos": _setting(config, "flip_sin_to_cos"),
             "freq_shift": _setting(config, "freq_shift")}

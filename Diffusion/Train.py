@@ -13,20 +13,20 @@ from torch.optim.lr_scheduler import CosineAnnealingLR
 
 from Diffusion.Diffusion import LEARNED_VARIANCES, GaussianDiffusionTrainer
 from Diffusion.EMA import EMA
-from Diffusion.Objectives import timestep_sampler
 from Diffusion.Model import UNet
-from Diffusion.Run.Checkpoints import diffusion_of, is_snapshot_epoch, save_snapshot
+from Diffusion.Objectives import timestep_sampler
+from Diffusion.Run.Checkpoints import diffusion_of, is_snapshot_epoch, load_initial_weights, save_snapshot
 from Diffusion.Run.Config import complete
 from Diffusion.Run.Data import EpochSampler, flip_left_right_at_random, training_dataset, training_loader
 from Diffusion.Run.Evaluation import PlainGrid, evaluate, fid_of, preview_of
 from Diffusion.Run.Keys import KEYS, UNET_KEYS
+from Diffusion.Run.Memory import AccumulatedDraws, check_images_for_a_step, checkpoint_blocks, gradient_sync
 from Diffusion.Run.Processes import (
-    GlobalBatchRandomness,
     autocast,
     compiled,
     data_parallel,
-    in_global_order,
     memory_format,
+    record_terms,
     torchrun_group,
 )
 from Diffusion.Run.Sampling import warn_if_x_T_keeps_the_image
@@ -57,18 +57,22 @@ class Variant:
     grid: type
 
 
-def optimizer_step(loss, model, optimizer, scaler, grad_clip):
-    """Backpropagate `loss`, clip the gradient norm to grad_clip and take the AdamW step; a step
-    whose gradients are not finite (fp16 overflow, a diverging run) is skipped. Returns whether
-    it was taken."""
-    optimizer.zero_grad(set_to_none=True)
+def backward(loss, scaler):
+    """Add the gradients of `loss` (scaled for fp16) to the parameters' .grad."""
     scaler.scale(loss).backward()
+
+
+def optimizer_step(model, optimizer, scaler, grad_clip):
+    """Clip the norm of the gradients backward() summed to grad_clip and take the AdamW step; a step
+    whose gradients are not finite (fp16 overflow, a diverging run) is skipped. Returns whether it
+    was taken; the gradients are cleared."""
     scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     taken = bool(grad_norm.isfinite())  # the one device sync of a step
     if taken:
         scaler.step(optimizer)
     scaler.update()
+    optimizer.zero_grad(set_to_none=True)
     return taken
 
 
@@ -89,6 +93,8 @@ def fit(config, variant):
             torch.manual_seed(config["seed"])  # the initial weights
         num_labels = len(dataset.classes)
         model = variant.unet(config, num_labels).to(device, memory_format=memory_layout)
+        if config["init_weights"] and config["training_load_weight"] is None:  # fine-tuning: a new run
+            load_initial_weights(model, config["init_weights"])
         optimizer = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=1e-4,
                                       fused=device.type in ("cuda", "cpu"))
         # Warm-up over the first tenth of the epochs, then cosine annealing to 0.
@@ -96,42 +102,53 @@ def fit(config, variant):
                                            after_scheduler=CosineAnnealingLR(optimizer, T_max=config["epoch"]))
         ema = EMA(model, config["ema_decay"]) if config["ema_decay"] > 0 else None
         scaler = torch.amp.GradScaler(device.type, enabled=config["amp"] == "fp16")
+        if config["grad_checkpoint"]:  # after the EMA's copy of the model
+            checkpoint_blocks(model)
+        accumulate = config["accumulate"]
+        check_images_for_a_step(len(dataset), config["batch_size"], accumulate, process.world_size, config["dataset"])
         timesteps = timestep_sampler(config["t_sampling"], config["T"])  # t ~ Uniform, or by importance
-        state = TrainingState(model, ema, optimizer, scheduler, scaler, process, config["batch_size"], timesteps)
+        state = TrainingState(model, ema, optimizer, scheduler, scaler, process, config["batch_size"] * accumulate,
+                              timesteps)
         run = TrainingRun(state, folder, stop, config["epoch"], config["save_state_minutes"], config["log_every"],
                           config["sample_every"], config["fid_every"], preview_of(config, variant, num_labels),
                           fid_of(config, variant, num_labels) if config["fid_every"] else None)
         run.start(config["training_load_weight"], config["seed"], config["overwrite"], variant.checkpoints_key,
                   diffusion_of(config), dataset.classes, config["save_every"], config["keep_last"])
+        network = data_parallel(model, process)
         trainer = GaussianDiffusionTrainer(
-            compiled(data_parallel(model, process), config["compile"]), config["beta_1"], config["beta_T"],
+            compiled(network, config["compile"]), config["beta_1"], config["beta_T"],
             config["T"], config["beta_schedule"], config["prediction"], config["loss_weight"],
             config["snr_gamma"], config["loss"], config["variance"], config["vlb_weight"]).to(device)
         # The draws of each image (its flip, label dropout, t and eps) are the same whatever the
-        # number of processes (Processes.py).
-        draws = GlobalBatchRandomness(state.generator, process.rank, process.world_size)
+        # number of processes and micro-batches (Processes.py, Memory.py).
+        draws = AccumulatedDraws(state.generator, process.rank, process.world_size, accumulate)
         condition_of = variant.condition(config)
         sampler = EpochSampler(dataset, process, state.seed)
         loader = training_loader(dataset, config["batch_size"], config["num_workers"], sampler, device)
         for epoch in range(state.epoch, config["epoch"]):
-            sampler.start_epoch(epoch, skip=state.step_in_epoch * config["batch_size"])
+            sampler.start_epoch(epoch, skip=state.step_in_epoch * config["batch_size"] * accumulate)
             model.train()
-            for images, labels in run.batches(loader):
-                x_0 = flip_left_right_at_random(images.to(device, non_blocking=True), draws)
-                condition = condition_of(labels.to(device, non_blocking=True), draws)
-                t, weights = timesteps.draw(draws, len(x_0), device)
-                noise = draws.randn_like(x_0)
-                with autocast(device, config["amp"]):
-                    error = trainer(x_0.contiguous(memory_format=memory_layout), *condition, t=t, noise=noise)
-                    loss = variant.loss(error * weights.view(-1, 1, 1, 1), draws.size(len(x_0)))
-                if timesteps.learns_from_terms:  # every process keeps the global batch's terms
-                    timesteps.record(in_global_order(t, process),
-                                     in_global_order(error.detach().flatten(1).mean(1), process))
-                # DistributedDataParallel averages the processes' gradients; the loss is the global batch's.
-                taken = optimizer_step(loss * process.world_size, model, optimizer, scaler, config["grad_clip"])
+            for step in run.batches(loader, accumulate):  # accumulate micro-batches per step
+                loss, terms = 0., []
+                for (images, labels), last in draws.micro_batches(step):
+                    x_0 = flip_left_right_at_random(images.to(device, non_blocking=True), draws)
+                    condition = condition_of(labels.to(device, non_blocking=True), draws)
+                    t, weights = timesteps.draw(draws, len(x_0), device)
+                    noise = draws.randn_like(x_0)
+                    with gradient_sync(network, last):
+                        with autocast(device, config["amp"]):
+                            error = trainer(x_0.contiguous(memory_format=memory_layout), *condition, t=t, noise=noise)
+                            micro_loss = variant.loss(error * weights.view(-1, 1, 1, 1), draws.size(len(x_0)))
+                        # DistributedDataParallel averages the processes' gradients; the loss is the
+                        # global batch's, whose micro-batches' gradients add up.
+                        backward(micro_loss * process.world_size, scaler)
+                    loss = loss + micro_loss.detach()
+                    terms.append((t, error.detach().flatten(1).mean(1)))
+                record_terms(timesteps, terms, process)  # importance sampling learns from the step's terms
+                taken = optimizer_step(model, optimizer, scaler, config["grad_clip"])
                 if taken and ema:
                     ema.update(model)
-                run.after_step(loss.detach(), taken)
+                run.after_step(loss, taken)
                 if run.save_due():  # every save_state_minutes, and at once on SIGTERM or Ctrl-C
                     state.save(folder)  # training_state.pt
                     run.stop_if_asked()

@@ -38,7 +38,7 @@ from Diffusion.Model import AttnBlock  # noqa: E402
 from Diffusion.Run.Data import flip_left_right_at_random  # noqa: E402
 from Diffusion.Run.Processes import GlobalBatchRandomness, autocast, compiled, memory_format  # noqa: E402
 from Diffusion.Run.Sampling import sampler_of, under_speed_options  # noqa: E402
-from Diffusion.Train import UNCONDITIONAL, optimizer_step  # noqa: E402
+from Diffusion.Train import UNCONDITIONAL, backward, optimizer_step  # noqa: E402
 from DiffusionFreeGuidence.ModelCondition import UNet as ConditionalUNet  # noqa: E402
 from DiffusionFreeGuidence.TrainCondition import CONDITIONAL  # noqa: E402
 
@@ -96,7 +96,8 @@ class Setup:
             error = self.trainer(x_0.contiguous(memory_format=memory_format(self.options["channels_last"])),
                                  *condition, t=t, noise=noise)
             loss = self.variant.loss(error, len(x_0))
-        if optimizer_step(loss, self.model, self.optimizer, self.scaler, self.config["grad_clip"]):
+        backward(loss, self.scaler)
+        if optimizer_step(self.model, self.optimizer, self.scaler, self.config["grad_clip"]):
             self.ema.update(self.model)
 
 

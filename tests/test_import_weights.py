@@ -121,7 +121,9 @@ def assert_matches_diffusers(diffusers_model, state_dict, config):
 
 @pytest.mark.parametrize("form", ["folder", "pipeline", "bin"])
 def test_imported_small_model_matches_diffusers_output(small_model, small_sources, form):
-    state_dict, config = import_weights(str(small_sources[form]))
+    # A bare file does not say its image size; the folders' config.json does (sample_size 16).
+    state_dict, config = import_weights(str(small_sources[form]), img_size=16 if form == "bin" else None)
+    assert config["img_size"] == 16
     assert {key: config[key] for key in ("channel", "channel_mult", "attn", "num_res_blocks")} == \
         {"channel": 32, "channel_mult": [1, 2], "attn": [1], "num_res_blocks": 1}
     assert (config["group_norm_eps"], config["downsample_padding"]) == (1e-6, "same")
@@ -171,11 +173,19 @@ def test_pesser_checkpoint_imports_to_the_same_state_dict(small_model, small_sou
             "mid.block_2.conv2.weight", "mid.attn_1.proj_out.weight", "up.0.block.1.nin_shortcut.weight",
             "up.1.upsample.conv.weight", "norm_out.weight"} <= pesser.keys()
     torch.save(pesser, tmp_path / "model-790000.ckpt")
-    expected, _ = import_weights(str(small_sources["bin"]))
-    imported, config = import_weights(str(tmp_path / "model-790000.ckpt"))
+    expected, _ = import_weights(str(small_sources["bin"]), img_size=16)
+    imported, config = import_weights(str(tmp_path / "model-790000.ckpt"), img_size=16)
     assert imported.keys() == expected.keys()
     assert all(torch.equal(imported[key], expected[key]) for key in expected)
     assert config["attn"] == [1]
+
+
+def test_a_file_whose_image_size_cannot_be_known_says_so(small_sources):
+    with pytest.raises(ConfigError, match=r"none of the DDPM authors' released models and has no "
+                                          r"config\.json, so its image size cannot be known: give it with --img_size"):
+        import_weights(str(small_sources["bin"]))
+    with pytest.raises(ConfigError, match="img_size 15 is not a multiple of 2, as the 2 levels"):
+        import_weights(str(small_sources["bin"]), img_size=15)
 
 
 def test_missing_and_left_over_tensors_are_named(small_model):

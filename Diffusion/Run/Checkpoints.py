@@ -291,6 +291,11 @@ def load_into(model, state_dict, path):
                           f"{describe_mismatch(state_dict, model)}.") from None
 
 
+def load_initial_weights(model, path):
+    """A new run's starting weights (init_weights): the plain state_dict at `path`, loaded strictly."""
+    load_into(model, load_tensors(path, "cpu"), path)
+
+
 def state_ends_epoch(path, epoch):
     """Whether the training state at `path` was saved at the end of `epoch`."""
     try:

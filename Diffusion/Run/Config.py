@@ -182,7 +182,8 @@ COUNTS = {"max_images": (1, "at least 1 (or None for all images)"), "num_workers
           "log_every": (0, "0 (never) or more"), "sample_every": (0, "0 (never) or more"),
           "fid_every": (0, "0 (never) or more epochs"), "num_samples": (0, "0 (no export) or more"),
           "fid_samples": (2, "at least 2"), "nll_images": (1, "at least 1"), "figure_images": (1, "at least 1"),
-          "latent_samples": (1, "at least 1"), "quality_steps": (2, "at least 2"), "neighbours": (1, "at least 1")}
+          "latent_samples": (1, "at least 1"), "quality_steps": (2, "at least 2"), "neighbours": (1, "at least 1"),
+          "accumulate": (1, "at least 1 (1: no gradient accumulation)")}
 
 
 def positive_counts(config):
@@ -228,6 +229,14 @@ def schedule_and_probabilities(config):
     if not 0 <= config["ema_decay"] < 1:
         return (f"ema_decay must be at least 0 (no EMA) and below 1, not {config['ema_decay']}: "
                 f"the DDPM paper used 0.9999.")
+
+
+def initial_weights(config):
+    """A new run's init_weights is a file that is there."""
+    path = config["init_weights"]
+    if config["state"] == "train" and path is not None and not os.path.isfile(path):
+        return (f"init_weights {path!r} does not exist: give the weights file a new run starts from "
+                f"(e.g. CheckPoints/official_ddpm_church_ema/ckpt_official_.pt), or None.")
 
 
 def available_device(config):
@@ -374,6 +383,5 @@ def objective(config):
         return f"vlb_weight must be a positive number, not {config['vlb_weight']}: Improved DDPM uses 0.001."
 
 
-CHECKS = [finite_numbers, positive_counts, unet_shape, schedule_and_probabilities, available_device,
-          class_labels, image_names, writable_folders, noise_options, sampling_options, figure_steps,
-          objective]
+CHECKS = [finite_numbers, positive_counts, unet_shape, schedule_and_probabilities, initial_weights, available_device,
+          class_labels, image_names, writable_folders, noise_options, sampling_options, figure_steps, objective]

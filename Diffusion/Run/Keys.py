@@ -105,6 +105,14 @@ KEYS = {
                             "checkpoint folder"),
     "amp": Key("none", "mixed precision: none (float32), bf16 (GPU or CPU) or fp16 (GPU, with loss "
                        "scaling)", ("none", "bf16", "fp16")),
+    "grad_checkpoint": Key(False, "activation checkpointing: each ResBlock (its attention included) "
+                                  "keeps only its input and recomputes the rest for the backward "
+                                  "pass, for less memory and a slower step (docs/finetune.md)"),
+    "accumulate": Key(1, "micro-batches of batch_size per optimizer step: the global batch is "
+                         "batch_size x accumulate x processes, with one batch's update"),
+    "init_weights": Key(None, "a new run starts from the weights in this file (a ckpt_*_.pt, or "
+                              "ImportWeights.py's ckpt_official_.pt), the EMA too, with its own "
+                              "steps, optimizer and warm-up (docs/finetune.md)", kind=str),
     "compile": Key(False, "torch.compile the UNet (faster steps after a slow start)"),
     "channels_last": Key(False, "NHWC memory format for the UNet (faster convolutions on GPUs)"),
     "sampler": Key("ddpm", "ddpm: Algorithm 2 (respaced when sample_steps < T); ddim: DDIM (Song "

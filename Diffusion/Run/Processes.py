@@ -177,6 +177,14 @@ def in_global_order(values, process):
     return torch.stack(parts, 1).flatten()
 
 
+def record_terms(timesteps, terms, process):
+    """Give the sampler of t (Objectives.py) the terms of a step, [(t [local_size], each image's term
+    [local_size])] per micro-batch, every process's in the global batch's order, when it learns from them."""
+    if timesteps.learns_from_terms:
+        for t, term in terms:
+            timesteps.record(in_global_order(t, process), in_global_order(term, process))
+
+
 def wait_for_all(process):
     """A barrier: return when every process has come here."""
     if process.distributed:

@@ -20,6 +20,7 @@ from tqdm import tqdm
 from Diffusion.Run.Checkpoints import (LOG, PREVIEWS, TENSORBOARD, TRAINING_STATE,
                                        check_trained_as_configured, is_snapshot_epoch, write_run_info)
 from Diffusion.Run.Config import RunError
+from Diffusion.Run.Memory import whole_steps
 from Diffusion.Run.Processes import any_process, assert_identical_weights, sum_over_processes
 from Diffusion.Run.Sampling import save_picture, to_unit_range
 from Diffusion.Run.TrainingState import begin_or_continue
@@ -95,12 +96,13 @@ class TrainingRun:
                                  self.save_state_seconds / 60))
         self.log = RunLog(self.folder, self.process)
 
-    def batches(self, loader):
-        """The loader's batches of the rest of the epoch, under its progress bar."""
+    def batches(self, loader, accumulate=1):
+        """The loader's batches of the rest of the epoch in lists of `accumulate`, one list per optimizer
+        step (Memory.whole_steps), under its progress bar."""
         if self.progress is None:
-            self.progress = Progress(self.state, self.epochs, loader.sampler.num_samples // loader.batch_size)
-        with self.progress.bar(len(loader), self.state.epoch) as self.bar:
-            yield from loader
+            self.progress = Progress(self.state, self.epochs, loader.sampler.num_samples // loader.batch_size // accumulate)
+        with self.progress.bar(len(loader) // accumulate, self.state.epoch) as self.bar:
+            yield from whole_steps(loader, accumulate)
 
     def after_step(self, loss, taken):
         """Count the step (loss: a device scalar; taken: False if skipped), log it, give up a diverged run."""
