@@ -17,8 +17,9 @@ from typing import get_args, get_origin
 import torch
 from PIL import Image
 
+from Diffusion.Editing import sdedit_start
 from Diffusion.Model import check_attention_levels
-from Diffusion.Run.Keys import FIGURES
+from Diffusion.Run.Keys import EDITS, FIGURES
 
 
 class RunError(Exception):
@@ -163,7 +164,7 @@ def parse_command_line(script_config, keys, absent=None, argv=None, description=
 
 # The folders each state writes to: checkpoints when training, images when sampling.
 WRITTEN_FOLDER_KEYS = {"train": ("save_weight_dir", "save_dir"), "eval": ("sampled_dir", "export_dir"),
-                       "fid": ("fid_stats_dir", "export_dir"), "nll": (), **dict.fromkeys(FIGURES, ("sampled_dir",))}
+                       "fid": ("fid_stats_dir", "export_dir"), "nll": (), **dict.fromkeys(FIGURES + EDITS, ("sampled_dir",))}
 SOLVERS = ("dpmsolver++", "unipc")
 
 
@@ -181,7 +182,8 @@ COUNTS = {"max_images": (1, "at least 1 (or None for all images)"), "num_workers
           "log_every": (0, "0 (never) or more"), "sample_every": (0, "0 (never) or more"),
           "fid_every": (0, "0 (never) or more epochs"), "num_samples": (0, "0 (no export) or more"),
           "fid_samples": (2, "at least 2"), "nll_images": (1, "at least 1"), "figure_images": (1, "at least 1"),
-          "latent_samples": (1, "at least 1"), "quality_steps": (2, "at least 2"), "neighbours": (1, "at least 1")}
+          "latent_samples": (1, "at least 1"), "quality_steps": (2, "at least 2"), "neighbours": (1, "at least 1"),
+          "jump_length": (1, "at least 1"), "resample": (1, "at least 1 (1: no resampling)")}
 
 
 def positive_counts(config):
@@ -351,5 +353,26 @@ def figure_steps(config):
                 f"{config['num_samples']}: set it (the paper: 50000; on a CPU 100 shows the trend).")
 
 
+def editing(config):
+    """What inpaint and sdedit edit, and a sampler that can do it: RePaint steps back and forth one
+    step at a time; SDEdit starts at t0 on the sampler's own timesteps (Diffusion/Editing.py)."""
+    strength, state, sampler = config["strength"], config["state"], config["sampler"]
+    if not 0 <= strength <= 1:
+        return (f"strength must be between 0 (the image back) and 1 (plain sampling), not {strength}: "
+                f"SDEdit's paper edits at 0.3 to 0.6.")
+    if state not in EDITS:
+        return None
+    if config["edit_images"] is None:
+        return f"state {state} edits edit_images, which is None: set it to an image file or a folder of images."
+    if state == "inpaint" and sampler in SOLVERS:
+        return (f"sampler {sampler} cannot run RePaint, whose chain goes back up between steps, which a "
+                f"multistep solver's history cannot follow: use --sampler ddpm (fewer steps with "
+                f"sample_steps) or ddim.")
+    if state == "sdedit" and strength > 0 and sdedit_start(steps_of(config), strength) < 0:
+        return (f"strength {strength} starts SDEdit at t0 = {strength * config['T']:g}, below the first "
+                f"of the {steps_of(config)} timesteps sampler {sampler} visits, so it cannot start there: "
+                f"raise strength to {1 / steps_of(config):g} or more, or raise sample_steps.")
+
+
 CHECKS = [finite_numbers, positive_counts, unet_shape, schedule_and_probabilities, available_device,
-          class_labels, image_names, writable_folders, noise_options, sampling_options, figure_steps]
+          class_labels, image_names, writable_folders, noise_options, sampling_options, figure_steps, editing]
