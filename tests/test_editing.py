@@ -156,7 +156,7 @@ def test_state_inpaint_keeps_the_left_halves_and_continues_an_interrupted_run(tr
     with Image.open(edited / "side_by_side" / "000004.png") as row:
         assert row.size == (3 * 10 + 2, 10 + 2)  # input, masked, result
     with Image.open(tmp_path / "edited" / "inpaint.png") as overview:
-        assert overview.size == (3 * 10 + 2, 2 * 10 + 2)  # the first batch_size images
+        assert overview.size == (4 * 10 + 2, 3 * 10 + 2)  # the first nrow images: input, masked, result
     kept = (edited / "results" / "000003.png").read_bytes()
     (edited / "results" / "000003.png").unlink()
     Main.main(config)  # the batch of image 3 is drawn again, from the same seed

@@ -14,8 +14,8 @@ has its image's size and only those two values, and is fitted to img_size as its
 What a run writes, in sampled_dir/<state>/: the results alone as 000000.png, .. in the images' order,
 a folder per result (`results`; the conditional model: w{w}, or w{w}_class{c} with labels), and the
 masked input (`masked`, the sampled pixels gray) or the noised one (`noised`, x_t0); `side_by_side/`
-with each image's row: the input, that, and its results; and <state>.png, the rows of the first
-batch_size images, with <state>.json. The results are exported as eval's samples are: an interrupted
+with each image's row: the input, that, and its results; and <state>.png, the first nrow images in
+columns, a row for the inputs, that, and each result; with <state>.json. The results are exported as eval's samples are: an interrupted
 run continues, and under torchrun each process edits its share of the batches.
 """
 import os
@@ -255,7 +255,7 @@ def edit_images(config, variant, process, edit, second, settings):
 
 def draw_rows(config, inputs, folders, folder):
     """side_by_side/{k:06d}.png for each image k without one: the input, then its file of each of
-    `folders`; and <state>.png, the rows of the first batch_size images."""
+    `folders`, in a row; and <state>.png, the first nrow images in columns, a row for each of those."""
     read = image_transform(config["img_size"], config["img_channels"])
     def row(index):
         images = [inputs[index][0]]
@@ -267,5 +267,6 @@ def draw_rows(config, inputs, folders, folder):
     for index in tqdm(range(len(inputs)), desc="side by side", dynamic_ncols=True, leave=False):
         if not os.path.exists(sample_file(rows, index)):
             save_picture(row(index), sample_file(rows, index), nrow=len(folders) + 1)
-    shown = min(len(inputs), config["batch_size"])
-    save_grid(torch.cat([row(index) for index in range(shown)]), f"{folder}.png", len(folders) + 1)
+    shown = min(len(inputs), config["nrow"])
+    columns = torch.stack([row(index) for index in range(shown)], dim=1)  # [kinds, images, C, H, W]
+    save_grid(columns.flatten(0, 1), f"{folder}.png", shown)
