@@ -91,7 +91,7 @@ class EditInputs(Dataset):
         if isinstance(self.masks, str):
             return x_0, named_mask(self.masks, self.img_size, self.mask_seed, index)
         with Image.open(self.masks[index]) as mask:
-            return x_0, self.mask_transform(mask).round()
+            return x_0, self.mask_transform(mask.convert("L")).round()
 
     def batch(self, first, count, device):
         """(images [count, C, H, W], masks [count, 1, H, W]) of indices first .. first + count - 1."""
@@ -202,7 +202,7 @@ def inpaint(config, variant, process):
     resample, through the configured sampler (ddpm or ddim, respaced by sample_steps)."""
     def edit(sampler, x_0, mask, condition, x_T):
         result = repaint(sampler, x_0, mask, x_T, *condition, jump_length=config["jump_length"],
-                         resample=config["resample"])
+                         resample=config["resample"], progress=True)
         return result, x_0 * mask  # the sampled pixels gray
     steps = steps_of(config)
     edit_images(config, variant, process, edit, "masked",
@@ -215,7 +215,7 @@ def sdedit(config, variant, process):
     """State sdedit: SDEdit (Diffusion/Editing.py) of edit_images at strength, through the configured
     sampler from t0 on its own timesteps."""
     def edit(sampler, x_0, mask, condition, noise):
-        return sdedit_images(sampler, x_0, config["strength"], noise, *condition)
+        return sdedit_images(sampler, x_0, config["strength"], noise, *condition, progress=True)
     start = sdedit_start(steps_of(config), config["strength"])
     t0 = 0 if start < 0 else int(timesteps_of(config)[start]) + 1  # the paper's t of x_t0
     edit_images(config, variant, process, edit, "noised",
