@@ -245,8 +245,8 @@ def edit_images(config, variant, process, edit, second, settings):
     written = export_samples(draw, folders, len(inputs), config["batch_size"], process, config["seed"],
                              description=config["state"])
     shares = gather(written, process)
-    process.say(f"{config['state']}: {sum(shares)} images edited now ({' + '.join(map(str, shares))} by "
-                f"the {len(shares)} processes), {len(inputs)} in all, in {folder}")
+    by_each = f" ({' + '.join(map(str, shares))} by the {len(shares)} processes)" if len(shares) > 1 else ""
+    process.say(f"{config['state']}: {sum(shares)} images edited now{by_each}, {len(inputs)} in all, in {folder}")
     if process.is_main:
         draw_rows(config, inputs, folders, folder)
         write_json(f"{folder}.json", {**settings, "images": len(inputs), "sampler": config["sampler"],
