@@ -164,7 +164,8 @@ def parse_command_line(script_config, keys, absent=None, argv=None, description=
 
 # The folders each state writes to: checkpoints when training, images when sampling.
 WRITTEN_FOLDER_KEYS = {"train": ("save_weight_dir", "save_dir"), "eval": ("sampled_dir", "export_dir"),
-                       "fid": ("fid_stats_dir", "export_dir"), "nll": (), **dict.fromkeys(FIGURES + EDITS, ("sampled_dir",))}
+                       "fid": ("fid_stats_dir", "export_dir"), "nll": (),
+                       **dict.fromkeys(FIGURES + EDITS, ("sampled_dir",))}
 SOLVERS = ("dpmsolver++", "unipc")
 
 

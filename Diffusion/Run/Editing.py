@@ -15,8 +15,9 @@ What a run writes, in sampled_dir/<state>/: the results alone as 000000.png, .. 
 a folder per result (`results`; the conditional model: w{w}, or w{w}_class{c} with labels), and the
 masked input (`masked`, the sampled pixels gray) or the noised one (`noised`, x_t0); `side_by_side/`
 with each image's row: the input, that, and its results; and <state>.png, the first nrow images in
-columns, a row for the inputs, that, and each result; with <state>.json. The results are exported as eval's samples are: an interrupted
-run continues, and under torchrun each process edits its share of the batches.
+columns, a row for the inputs, that, and each result; with <state>.json. The results are exported
+as eval's samples are: an interrupted run continues, and under torchrun each process edits its
+share of the batches.
 """
 import os
 
@@ -67,7 +68,8 @@ def named_mask(name, size, seed=0, index=0):
 
 def mask_transform(img_size):
     """A mask file (PIL) -> float [1, img_size, img_size] of 0 and 1, fitted as image_transform fits its image."""
-    return transforms.Compose([transforms.Grayscale(1), transforms.Resize(img_size, transforms.InterpolationMode.NEAREST),
+    nearest = transforms.InterpolationMode.NEAREST
+    return transforms.Compose([transforms.Grayscale(1), transforms.Resize(img_size, nearest),
                                transforms.CenterCrop(img_size), transforms.ToImage(),
                                transforms.ToDtype(torch.float32, scale=True)])
 
