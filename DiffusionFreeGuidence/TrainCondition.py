@@ -32,7 +32,9 @@ GUIDANCE_KEYS = {
              kind=float | list[float]),
     "save_dir": Key("./CheckPoints/Condition/", "folder of this model's checkpoints ckpt_{epoch}_.pt"),
     "p_uncond": Key(0.1, "probability that a training example's label is replaced by the null label"),
-    "labels": Key(None, "classes eval samples, one per row (None: every class)", kind=list[int]),
+    "labels": Key(None, "classes eval samples, one per row (None: every class); inpaint and sdedit: "
+                         "the classes each image is edited towards, a result each (None: none, the "
+                         "unconditional estimate)", kind=list[int]),
     "label_dropout": Key("example", "example: drop each label with p_uncond (the paper); batch: drop "
                                     "the whole batch's labels with p_uncond (the original)",
                          ("example", "batch")),

@@ -18,8 +18,9 @@ import torch
 from PIL import Image
 
 from Diffusion.Diffusion import LEARNED_VARIANCES
+from Diffusion.Editing import sdedit_start
 from Diffusion.Model import check_attention_levels
-from Diffusion.Run.Keys import FIGURES
+from Diffusion.Run.Keys import EDITS, FIGURES
 
 
 class RunError(Exception):
@@ -164,7 +165,8 @@ def parse_command_line(script_config, keys, absent=None, argv=None, description=
 
 # The folders each state writes to: checkpoints when training, images when sampling.
 WRITTEN_FOLDER_KEYS = {"train": ("save_weight_dir", "save_dir"), "eval": ("sampled_dir", "export_dir"),
-                       "fid": ("fid_stats_dir", "export_dir"), "nll": (), **dict.fromkeys(FIGURES, ("sampled_dir",))}
+                       "fid": ("fid_stats_dir", "export_dir"), "nll": (),
+                       **dict.fromkeys(FIGURES + EDITS, ("sampled_dir",))}
 SOLVERS = ("dpmsolver++", "unipc")
 
 
@@ -183,7 +185,8 @@ COUNTS = {"max_images": (1, "at least 1 (or None for all images)"), "num_workers
           "fid_every": (0, "0 (never) or more epochs"), "num_samples": (0, "0 (no export) or more"),
           "fid_samples": (2, "at least 2"), "nll_images": (1, "at least 1"), "figure_images": (1, "at least 1"),
           "latent_samples": (1, "at least 1"), "quality_steps": (2, "at least 2"), "neighbours": (1, "at least 1"),
-          "accumulate": (1, "at least 1 (1: no gradient accumulation)")}
+          "accumulate": (1, "at least 1 (1: no gradient accumulation)"),
+          "jump_length": (1, "at least 1"), "resample": (1, "at least 1 (1: no resampling)")}
 
 
 def positive_counts(config):
@@ -223,7 +226,7 @@ def schedule_and_probabilities(config):
     for key in ("dropout", "p_uncond"):
         if key in config and not 0 <= config[key] <= 1:
             return f"{key} is a probability between 0 and 1, not {config[key]}."
-    for key in ("lr", "multiplier", "grad_clip", "group_norm_eps", "snr_gamma", "save_state_minutes"):
+    for key in ("lr", "multiplier", "grad_clip", "group_norm_eps", "snr_gamma", "save_state_minutes", "vlb_weight"):
         if key in config and not config[key] > 0:
             return f"{key} must be a positive number, not {config[key]}."
     if not 0 <= config["ema_decay"] < 1:
@@ -379,9 +382,29 @@ def objective(config):
     if config["loss_weight"] == "min_snr" and (loss != "simple" or config["prediction"] == "mu"):
         return (f"loss_weight min_snr weighs L_simple's error in x_0 for eps, x0 or v, not loss {loss} "
                 f"with prediction {config['prediction']}: use --loss_weight none.")
-    if not config["vlb_weight"] > 0:
-        return f"vlb_weight must be a positive number, not {config['vlb_weight']}: Improved DDPM uses 0.001."
+
+
+def editing(config):
+    """What inpaint and sdedit edit, and a sampler that can do it: RePaint steps back and forth one
+    step at a time; SDEdit starts at t0 on the sampler's own timesteps (Diffusion/Editing.py)."""
+    strength, state, sampler = config["strength"], config["state"], config["sampler"]
+    if not 0 <= strength <= 1:
+        return (f"strength must be between 0 (the image back) and 1 (plain sampling), not {strength}: "
+                f"SDEdit's paper edits at 0.3 to 0.6.")
+    if state not in EDITS:
+        return None
+    if config["edit_images"] is None:
+        return f"state {state} edits edit_images, which is None: set it to an image file or a folder of images."
+    if state == "inpaint" and sampler in SOLVERS:
+        return (f"sampler {sampler} cannot run RePaint, whose chain goes back up between steps, which a "
+                f"multistep solver's history cannot follow: use --sampler ddpm (fewer steps with "
+                f"sample_steps) or ddim.")
+    if state == "sdedit" and strength > 0 and sdedit_start(steps_of(config), strength) < 0:
+        return (f"strength {strength} starts SDEdit at t0 = {strength * config['T']:g}, below the first "
+                f"of the {steps_of(config)} timesteps sampler {sampler} visits, so it cannot start there: "
+                f"raise strength to {1 / steps_of(config):g} or more, or raise sample_steps.")
 
 
 CHECKS = [finite_numbers, positive_counts, unet_shape, schedule_and_probabilities, initial_weights, available_device,
-          class_labels, image_names, writable_folders, noise_options, sampling_options, figure_steps, objective]
+          class_labels, image_names, writable_folders, noise_options, sampling_options, figure_steps, objective,
+          editing]

@@ -21,7 +21,10 @@ from Diffusion.Schedule import BETA_SCHEDULES
 FIGURES = ("rate_distortion", "shared_latents", "interpolate", "coarse_to_fine", "quality_over_time",
            "neighbours")
 
-STATES = ("train", "eval", "fid", "nll", *FIGURES)
+# The states that edit given images (Diffusion/Run/Editing.py, docs/editing.md).
+EDITS = ("inpaint", "sdedit")
+
+STATES = ("train", "eval", "fid", "nll", *FIGURES, *EDITS)
 SAMPLERS = ("ddpm", "ddim", "dpmsolver++", "unipc")
 
 
@@ -39,7 +42,8 @@ class Key:
 KEYS = {
     "state": Key("train", "train a model; eval: sample image grids from a checkpoint; fid: FID "
                           "and IS of samples; nll: bits/dim of held-out images; the others draw "
-                          "the paper's figures (docs/paper.md)", STATES),
+                          "the paper's figures (docs/paper.md); inpaint and sdedit edit "
+                          "given images (docs/editing.md)", STATES),
     "epoch": Key(200, "passes over the training set"),
     "batch_size": Key(80, "images per training step, per process under torchrun (scale lr with "
                           "the global batch); images sampled by eval"),
@@ -172,6 +176,17 @@ KEYS = {
     "quality_steps": Key(11, "points of the reverse process at which quality_over_time scores the "
                              "predicted x_0 of num_samples samples"),
     "neighbours": Key(8, "training images that neighbours shows beside each sample"),
+    "edit_images": Key(None, "image file or folder of images (searched recursively) that inpaint and "
+                             "sdedit edit, each fitted to img_size", kind=str),
+    "mask": Key("center", "the pixels inpaint samples: a named region (center: the central square of "
+                          "half the side; left, right, top, bottom: that half; random_boxes), or a "
+                          "mask image file or folder of them (white keeps a pixel, black samples it)"),
+    "mask_seed": Key(0, "seed of random_boxes (each image gets its own boxes)"),
+    "jump_length": Key(10, "inpaint (RePaint): reverse steps between jumps back up the chain"),
+    "resample": Key(10, "inpaint (RePaint): how often each jump_length steps are sampled (1: plain "
+                        "replacement, no jump)"),
+    "strength": Key(0.5, "sdedit: how far the image is noised, t0 = strength T (0: the image back; 1: "
+                         "plain sampling)"),
 }
 
 # The unconditional UNet's own keys; MainCondition.py has none of them.

@@ -3,15 +3,16 @@ main()), then the state it asks for. Whatever stops a run (a config mistake, a f
 process, a stop request) is said in one sentence instead of a traceback."""
 import sys
 
-from Diffusion.Run import Figures
+from Diffusion.Run import Editing, Figures
 from Diffusion.Run.Config import RunError, complete, parse_command_line
 from Diffusion.Run.Evaluation import evaluate, likelihood, score
-from Diffusion.Run.Keys import FIGURES
+from Diffusion.Run.Keys import EDITS, FIGURES
 from Diffusion.Run.TrainingRun import TrainingStopped
 from Diffusion.Train import fit
 
 STATES = {"train": fit, "eval": evaluate, "fid": score, "nll": likelihood,
-          **{name: getattr(Figures, name) for name in FIGURES}}  # each figure's state is named as its function
+          **{name: getattr(Figures, name) for name in FIGURES},  # each figure's state is named as its function
+          **{name: getattr(Editing, name) for name in EDITS}}
 
 
 def run_state(model_config, variant):
