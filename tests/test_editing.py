@@ -14,7 +14,8 @@ import Main
 import MainCondition
 from conftest import REPO, as_arguments, run_script, write_images
 from Diffusion.DDIM import DDIMSampler
-from Diffusion.Diffusion import GaussianDiffusionSampler, encode
+from Diffusion.Diffusion import GaussianDiffusionSampler
+from Diffusion.Latents import encode
 from Diffusion.Editing import forward_jump, repaint, repaint_positions, sdedit
 from Diffusion.Model import UNet
 from Diffusion.Run.Config import ConfigError
