@@ -13,7 +13,7 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from Diffusion.Objectives import bound_estimate
+from Diffusion.Likelihood import bound_estimate
 from Diffusion.Schedule import (  # noqa: F401 (linear_betas, sampling_timesteps: this module's before)
     betas_of,
     linear_betas,
@@ -133,7 +133,7 @@ class GaussianDiffusionTrainer(nn.Module):
     The other rows of Table 2 and the follow-ups' options: prediction "mu", the network trained
     to output the posterior mean mu~_t, or "x0" or "v" = alpha_t eps - sigma_t x_0; loss "bound",
     the true variational bound L of Eq. 5, or "hybrid", L_simple + vlb_weight L_vlb (Improved
-    DDPM, Objectives.py); variance "learned" or "learned_range", the variance of p_theta from
+    DDPM, Likelihood.py); variance "learned" or "learned_range", the variance of p_theta from
     img_channels more outputs of the network; beta_schedule "cosine" (Nichol & Dhariwal Eq. 17);
     loss_weight "min_snr", each image's error weighted by Min-SNR-gamma with snr_gamma (Hang et
     al. 2023). The defaults are the paper's: L_simple, eps, the linear schedule."""
@@ -164,7 +164,7 @@ class GaussianDiffusionTrainer(nn.Module):
         at t ~ Uniform{0..T-1} [B] and eps ~ N(0, I) [B, C, H, W], drawn here unless given (the
         training run draws them so that an image gets the same ones whatever the number of
         processes). With another prediction, its target in place of eps; with min_snr, times
-        its weight; with loss "bound" or "hybrid", Objectives.py's. `condition` goes to the
+        its weight; with loss "bound" or "hybrid", Likelihood.py's. `condition` goes to the
         model after t (the class labels [B] of the conditional model)."""
         if t is None:
             t = torch.randint(self.T, (x_0.shape[0],), device=x_0.device)

@@ -14,7 +14,7 @@ from torch.optim.lr_scheduler import CosineAnnealingLR
 from Diffusion.Diffusion import LEARNED_VARIANCES, GaussianDiffusionTrainer
 from Diffusion.EMA import EMA
 from Diffusion.Model import UNet
-from Diffusion.Objectives import timestep_sampler
+from Diffusion.Likelihood import timestep_sampler
 from Diffusion.Run.Checkpoints import diffusion_of, is_snapshot_epoch, load_initial_weights, save_snapshot
 from Diffusion.Run.Config import complete
 from Diffusion.Run.Data import EpochSampler, flip_left_right_at_random, training_dataset, training_loader

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import REPO
 
-PAPER = ["Model", "Diffusion", "Schedule", "DDIM", "Solvers", "Likelihood", "Objectives", "Latents", "EMA", "Editing"]
+PAPER = ["Model", "Diffusion", "Schedule", "DDIM", "Solvers", "Likelihood", "Latents", "EMA", "Editing"]
 PACKAGES = ["Diffusion", "DiffusionFreeGuidence", "Conversion"]
 
 

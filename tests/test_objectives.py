@@ -1,4 +1,4 @@
-"""Table 2's objectives and parameterizations (Diffusion/Objectives.py): the true bound, the hybrid
+"""Table 2's objectives and parameterizations (the end of Diffusion/Likelihood.py): the true bound, the hybrid
 loss, mu prediction, the learned variances and importance sampling of t, each against an
 independent computation; then real runs of both scripts with each row, and an exact resume."""
 import importlib
@@ -19,9 +19,15 @@ from Diffusion.Diffusion import (
     linear_betas,
     target_of,
 )
-from Diffusion.Likelihood import bound_term, normal_kl, posterior_mean_variance
+from Diffusion.Likelihood import (
+    HISTORY,
+    UNIFORM_SHARE,
+    ImportanceSampling,
+    bound_term,
+    normal_kl,
+    posterior_mean_variance,
+)
 from Diffusion.Model import UNet
-from Diffusion.Objectives import HISTORY, UNIFORM_SHARE, ImportanceSampling
 from Diffusion.Run.Checkpoints import TRAINING_STATE
 from Diffusion.Run.Config import ConfigError
 from Diffusion.Run.Processes import GlobalBatchRandomness

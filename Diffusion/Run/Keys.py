@@ -14,7 +14,7 @@ import torch
 
 from Diffusion.Diffusion import PREDICTIONS, VARIANCES
 from Diffusion.Model import DOWNSAMPLE_PADDINGS
-from Diffusion.Objectives import LOSSES, T_SAMPLINGS
+from Diffusion.Likelihood import LOSSES, T_SAMPLINGS
 from Diffusion.Schedule import BETA_SCHEDULES
 
 # The states that draw the paper's figures from a checkpoint (Diffusion/Run/Figures.py, docs/paper.md).

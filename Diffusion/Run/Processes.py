@@ -178,7 +178,7 @@ def in_global_order(values, process):
 
 
 def record_terms(timesteps, terms, process):
-    """Give the sampler of t (Objectives.py) the terms of a step, [(t [local_size], each image's term
+    """Give the sampler of t (Likelihood.py) the terms of a step, [(t [local_size], each image's term
     [local_size])] per micro-batch, every process's in the global batch's order, when it learns from them."""
     if timesteps.learns_from_terms:
         for t, term in terms:
