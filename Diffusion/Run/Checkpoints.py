@@ -126,7 +126,10 @@ def variance_kind(variance):
 
 def check_trained_as_configured(folder, config, continuing=False):
     """Refuse a config whose beta_schedule, prediction or kind of variance (when `continuing`: loss too)
-    differ from the run's in `folder` (run.json; no record: the original's, linear, eps, fixed, simple)."""
+    differ from the run's in `folder` (run.json; no record: the original's, linear, eps, fixed, simple). A
+    folder with no weights has nothing to disagree with: loading them says what is missing."""
+    if not list_checkpoints(folder) and not os.path.isfile(os.path.join(folder, TRAINING_STATE)):
+        return
     recorded = read_run_info(folder)
     for key, original in DIFFUSION_KEYS.items():
         trained = recorded.get(key, original)
